@@ -1,0 +1,404 @@
+//! Protocol v1 over the Unix socket: framing and message types.
+//!
+//! A frame is a 4-byte little-endian length `L`, then `L` bytes: a 12-byte header and a
+//! MessagePack body.
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | `L`, bytes after this field (header + body), at most [`MAX_FRAME_BYTES`] |
+//! | 4 | 2 | magic `b"KL"` |
+//! | 6 | 1 | header version, [`PROTOCOL_VERSION`] |
+//! | 7 | 1 | kind: 1 request, 2 reply, 3 error, 4 event |
+//! | 8 | 8 | request id, little-endian; replies and errors echo the request's |
+//! | 16 | `L - 12` | body: a MessagePack map |
+//!
+//! Request and reply bodies carry their operation under the key `"op"`. Unknown keys in a body
+//! are ignored, so a newer client may send optional fields an older server does not know.
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks, in the header and in `hello`.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Frame magic.
+pub const MAGIC: [u8; 2] = *b"KL";
+/// Bytes of the length prefix.
+pub const LEN_BYTES: usize = 4;
+/// Bytes of the header after the length prefix.
+pub const HEADER_BYTES: usize = 12;
+/// Largest accepted `L` (header + body). A frame announcing more is refused and the connection
+/// closed, since the stream position can no longer be trusted.
+pub const MAX_FRAME_BYTES: usize = 16 << 20;
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// Client to server.
+    Request = 1,
+    /// Server to client: the answer to the request with the same id.
+    Reply = 2,
+    /// Server to client: the request with the same id failed; the body is an [`ErrorReply`].
+    Error = 3,
+    /// Server to client: an asynchronous completion of the request with the same id.
+    Event = 4,
+}
+
+impl FrameKind {
+    fn from_u8(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(Self::Request),
+            2 => Some(Self::Reply),
+            3 => Some(Self::Error),
+            4 => Some(Self::Event),
+            _ => None,
+        }
+    }
+}
+
+/// One decoded frame; the body is left as MessagePack bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Request, reply, error or event.
+    pub kind: FrameKind,
+    /// The request id (echoed by replies, errors and events).
+    pub request_id: u64,
+    /// MessagePack body.
+    pub body: Vec<u8>,
+}
+
+/// Why bytes on the socket are not a valid frame. [`FrameError::is_fatal`] says whether the
+/// connection can go on (the frame was skipped) or must be closed (the stream is out of step).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The length prefix announces more than [`MAX_FRAME_BYTES`]; close the connection.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes; split the request")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The length prefix is smaller than a header; close the connection.
+    #[error("frame length {len} is shorter than the {HEADER_BYTES}-byte header")]
+    TooShort {
+        /// Announced length.
+        len: usize,
+    },
+    /// The magic bytes are wrong: the peer does not speak this protocol; close the connection.
+    #[error("bad frame magic {found:02x?}; the peer is not a kvloft client")]
+    BadMagic {
+        /// What was found instead of `KL`.
+        found: [u8; 2],
+    },
+    /// The header version is not ours; the frame was skipped.
+    #[error("frame header version {found} is not supported (this server speaks {PROTOCOL_VERSION}); upgrade the older side")]
+    UnsupportedVersion {
+        /// The version in the header.
+        found: u8,
+        /// Request id of the skipped frame, to address the error reply.
+        request_id: u64,
+    },
+    /// The kind byte is unknown; the frame was skipped.
+    #[error("unknown frame kind {found}")]
+    UnknownKind {
+        /// The kind byte.
+        found: u8,
+        /// Request id of the skipped frame.
+        request_id: u64,
+    },
+}
+
+impl FrameError {
+    /// Whether the connection must be closed after reporting this error.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Self::TooLarge { .. } | Self::TooShort { .. } | Self::BadMagic { .. })
+    }
+
+    /// The request id of the skipped frame, for non-fatal errors.
+    pub fn request_id(&self) -> u64 {
+        match self {
+            Self::UnsupportedVersion { request_id, .. } | Self::UnknownKind { request_id, .. } => *request_id,
+            _ => 0,
+        }
+    }
+}
+
+/// Decodes the first frame in `buf`. Returns `Ok(None)` while the frame is incomplete, and
+/// otherwise the frame and how many bytes it used. A non-fatal error also consumes its frame:
+/// the caller drops [`frame_len`] bytes and goes on.
+pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
+    let Some(len) = frame_len(buf)? else { return Ok(None) };
+    let total = LEN_BYTES + len;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let h = &buf[LEN_BYTES..LEN_BYTES + HEADER_BYTES];
+    let request_id = u64::from_le_bytes([h[4], h[5], h[6], h[7], h[8], h[9], h[10], h[11]]);
+    if h[2] != PROTOCOL_VERSION {
+        return Err(FrameError::UnsupportedVersion { found: h[2], request_id });
+    }
+    let kind = FrameKind::from_u8(h[3]).ok_or(FrameError::UnknownKind { found: h[3], request_id })?;
+    let body = buf[LEN_BYTES + HEADER_BYTES..total].to_vec();
+    Ok(Some((Frame { kind, request_id, body }, total)))
+}
+
+/// The total length (prefix included) of the first frame in `buf`, once its prefix and magic
+/// have arrived; `Ok(None)` before that.
+pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
+    if buf.len() < LEN_BYTES {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge { len, max: MAX_FRAME_BYTES });
+    }
+    if len < HEADER_BYTES {
+        return Err(FrameError::TooShort { len });
+    }
+    if buf.len() < LEN_BYTES + 2 {
+        return Ok(None);
+    }
+    let magic = [buf[LEN_BYTES], buf[LEN_BYTES + 1]];
+    if magic != MAGIC {
+        return Err(FrameError::BadMagic { found: magic });
+    }
+    Ok(Some(len))
+}
+
+/// Appends one frame to `out`.
+pub fn encode(out: &mut Vec<u8>, kind: FrameKind, request_id: u64, body: &[u8]) {
+    let len = (HEADER_BYTES + body.len()) as u32;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&MAGIC);
+    out.push(PROTOCOL_VERSION);
+    out.push(kind as u8);
+    out.extend_from_slice(&request_id.to_le_bytes());
+    out.extend_from_slice(body);
+}
+
+/// Serialises a message body as a MessagePack map with field names.
+pub fn to_body<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising our own plain structs into a Vec cannot fail.
+    rmp_serde::to_vec_named(value).unwrap_or_default()
+}
+
+/// Deserialises a message body.
+pub fn from_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, rmp_serde::decode::Error> {
+    rmp_serde::from_slice(body)
+}
+
+/// A client request body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Request {
+    /// First request on every connection: agree on the protocol version.
+    Hello(Hello),
+    /// Server figures: shards, pinning, uptime.
+    Stats(StatsRequest),
+}
+
+impl Request {
+    /// The operation name, as on the wire.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Self::Hello(_) => "hello",
+            Self::Stats(_) => "stats",
+        }
+    }
+}
+
+/// `hello`: the client's protocol version and who it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version the client speaks.
+    pub protocol: u32,
+    /// Free-form client name for logs (`kvloft-cli`, `vllm-worker-0`).
+    #[serde(default)]
+    pub client: String,
+    /// The client's process id.
+    #[serde(default)]
+    pub pid: u32,
+}
+
+/// `stats`: no arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct StatsRequest {}
+
+/// A reply body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Reply {
+    /// Answer to `hello`.
+    Hello(HelloReply),
+    /// Answer to `stats`.
+    Stats(StatsReply),
+}
+
+/// Answer to `hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReply {
+    /// Protocol version the server speaks.
+    pub protocol: u32,
+    /// kvloft version (`CARGO_PKG_VERSION`).
+    pub server_version: String,
+    /// Number of shards.
+    pub shards: u32,
+}
+
+/// Answer to `stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsReply {
+    /// kvloft version.
+    pub server_version: String,
+    /// Server process id.
+    pub pid: u32,
+    /// Seconds since the server started.
+    pub uptime_s: f64,
+    /// The socket this server listens on.
+    pub socket: String,
+    /// Configured pinned pool size over all shards, in bytes.
+    pub pool_bytes: u64,
+    /// One entry per shard, by shard id.
+    pub shards: Vec<ShardStats>,
+}
+
+/// One shard's figures, reported by the shard itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardStats {
+    /// Shard id.
+    pub id: u32,
+    /// CPU the shard was configured to run on.
+    pub cpu: u32,
+    /// NUMA node of that CPU.
+    pub numa_node: u32,
+    /// GPU index the shard drives.
+    pub gpu: Option<u32>,
+    /// Network device the shard uses.
+    pub nic: Option<String>,
+    /// NVMe tier directory.
+    pub ssd: Option<String>,
+    /// This shard's slice of the pinned pool, in bytes.
+    pub pool_bytes: u64,
+    /// Kernel thread id of the executor (`/proc/<pid>/task/<tid>`).
+    pub thread_id: i32,
+    /// CPUs the executor thread may run on, read from the kernel by the thread itself.
+    pub allowed_cpus: Vec<u32>,
+    /// Client connections this shard serves now.
+    pub connections: u64,
+    /// Requests this shard has answered since start.
+    pub requests: u64,
+}
+
+/// Body of an error frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// Machine-readable cause.
+    pub code: ErrorCode,
+    /// What went wrong and how to fix it, for people.
+    pub message: String,
+}
+
+/// Machine-readable error causes. Every one leaves the connection usable unless the text says
+/// otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The frame could not be read; the server closes the connection after this error when the
+    /// stream is out of step (bad magic, bad length).
+    BadFrame,
+    /// Header or `hello` protocol version differs from the server's; upgrade the older side.
+    UnsupportedVersion,
+    /// The body is not valid MessagePack for the operation; fix the client.
+    BadRequest,
+    /// The `op` is not one this server knows; upgrade the server or drop the call.
+    UnknownOp,
+    /// A request came before `hello`; send `hello` first.
+    HelloRequired,
+    /// The server is shutting down; reconnect later.
+    ShuttingDown,
+    /// The server failed internally; the message says where. Retry, then report it.
+    Internal,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: FrameKind, id: u64, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(&mut out, kind, id, body);
+        out
+    }
+
+    #[test]
+    fn round_trip() {
+        let body = to_body(&Request::Hello(Hello { protocol: 1, client: "t".into(), pid: 7 }));
+        let bytes = frame(FrameKind::Request, 42, &body);
+        let (f, used) = decode(&bytes).unwrap().unwrap();
+        assert_eq!(used, bytes.len());
+        assert_eq!((f.kind, f.request_id), (FrameKind::Request, 42));
+        let req: Request = from_body(&f.body).unwrap();
+        assert_eq!(req, Request::Hello(Hello { protocol: 1, client: "t".into(), pid: 7 }));
+    }
+
+    #[test]
+    fn partial_frames_wait_for_more() {
+        let bytes = frame(FrameKind::Request, 1, b"\x80");
+        for cut in 0..bytes.len() {
+            assert_eq!(decode(&bytes[..cut]), Ok(None), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn oversized_and_short_lengths_are_fatal() {
+        let mut big = ((MAX_FRAME_BYTES + 1) as u32).to_le_bytes().to_vec();
+        big.extend_from_slice(b"KL");
+        let e = decode(&big).unwrap_err();
+        assert!(e.is_fatal() && matches!(e, FrameError::TooLarge { .. }));
+        let e = decode(&3u32.to_le_bytes()).unwrap_err();
+        assert_eq!(e, FrameError::TooShort { len: 3 });
+    }
+
+    #[test]
+    fn bad_magic_is_fatal() {
+        let mut bytes = frame(FrameKind::Request, 1, b"");
+        bytes[4] = b'X';
+        assert!(decode(&bytes).unwrap_err().is_fatal());
+    }
+
+    #[test]
+    fn other_version_skips_the_frame() {
+        let mut bytes = frame(FrameKind::Request, 9, b"\x80");
+        bytes[6] = 2;
+        let e = decode(&bytes).unwrap_err();
+        assert_eq!(e, FrameError::UnsupportedVersion { found: 2, request_id: 9 });
+        assert!(!e.is_fatal());
+        assert_eq!(frame_len(&bytes), Ok(Some(13)));
+    }
+
+    #[test]
+    fn unknown_op_fails_to_decode() {
+        #[derive(Serialize)]
+        struct Odd {
+            op: &'static str,
+        }
+        assert!(from_body::<Request>(&to_body(&Odd { op: "fly" })).is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        #[derive(Serialize)]
+        struct Newer {
+            op: &'static str,
+            protocol: u32,
+            client: &'static str,
+            future_field: u8,
+        }
+        let body = to_body(&Newer { op: "hello", protocol: 1, client: "x", future_field: 3 });
+        assert!(matches!(from_body::<Request>(&body).unwrap(), Request::Hello(_)));
+    }
+}
