@@ -92,7 +92,9 @@ pub enum FrameError {
         found: [u8; 2],
     },
     /// The header version is not ours; the frame was skipped.
-    #[error("frame header version {found} is not supported (this server speaks {PROTOCOL_VERSION}); upgrade the older side")]
+    #[error(
+        "frame header version {found} is not supported (this server speaks {PROTOCOL_VERSION}); upgrade the older side"
+    )]
     UnsupportedVersion {
         /// The version in the header.
         found: u8,

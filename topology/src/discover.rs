@@ -54,6 +54,11 @@ pub fn discover() -> Result<Machine, DiscoverError> {
         machine.nodes.push(NumaNode { id: 0, memory_bytes: meminfo_total(), hugepages: hugepages(0) });
     }
     machine.nodes.sort_by_key(|n| n.id);
+    if let [only] = machine.nodes.as_mut_slice() {
+        // Some VMs hot-plug memory that the node's meminfo does not count; on one node all of
+        // MemTotal is local.
+        only.memory_bytes = only.memory_bytes.max(meminfo_total());
+    }
 
     for core in topo.objects_with_type(ObjectType::Core) {
         let Some(cpuset) = core.cpuset() else { continue };
@@ -74,7 +79,8 @@ pub fn discover() -> Result<Machine, DiscoverError> {
         if attrs.vendor_id() != NVIDIA_VENDOR || !matches!(attrs.class_id(), PCI_CLASS_VGA | PCI_CLASS_3D) {
             continue;
         }
-        let bus_id = format!("{:04x}:{:02x}:{:02x}.{:x}", attrs.domain(), attrs.bus_id(), attrs.bus_device(), attrs.function());
+        let bus_id =
+            format!("{:04x}:{:02x}:{:02x}.{:x}", attrs.domain(), attrs.bus_id(), attrs.bus_device(), attrs.function());
         let name = pci.name().map(|n| n.to_string_lossy().into_owned()).filter(|n| !n.is_empty());
         gpus.push((bus_id, name, node_of(pci, node_count)));
     }
@@ -149,7 +155,8 @@ fn add_sysfs_rdma(machine: &mut Machine) {
             .ok()
             .and_then(|s| s.trim().parse::<i64>().ok())
             .and_then(|n| u32::try_from(n).ok());
-        let pci_bus_id = fs::canonicalize(&dev).ok().and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()));
+        let pci_bus_id =
+            fs::canonicalize(&dev).ok().and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()));
         machine.nics.push(Nic { name, kind: NicKind::Rdma, pci_bus_id, node });
     }
 }
@@ -204,8 +211,9 @@ fn mount_of(mounts: &BTreeMap<String, PathBuf>, name: &str) -> Option<PathBuf> {
         mounts
             .iter()
             .find(|(dev, _)| {
-                dev.strip_prefix(name)
-                    .is_some_and(|rest| rest.trim_start_matches('p').chars().all(|c| c.is_ascii_digit()) && !rest.is_empty())
+                dev.strip_prefix(name).is_some_and(|rest| {
+                    rest.trim_start_matches('p').chars().all(|c| c.is_ascii_digit()) && !rest.is_empty()
+                })
             })
             .map(|(_, m)| m.clone())
     })

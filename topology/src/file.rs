@@ -1,7 +1,7 @@
 //! The topology file as written: serde structs over TOML with kebab-case keys, unknown keys
 //! rejected, and the byte span of every value kept so that [`crate::validate`] can point at it.
 
-use crate::diagnostic::{Diagnostic, Severity, Source};
+use crate::diagnostic::{Diagnostic, Diagnostics, Severity, Source};
 use bytesize::ByteSize;
 use serde::Deserialize;
 use serde_spanned::Spanned;
@@ -66,8 +66,8 @@ pub struct ShardSection {
 
 /// Parses `source` into a [`TopologyFile`], turning a TOML or schema error into a [`Diagnostic`]
 /// that names the line, the key and the fix.
-pub fn parse(source: &Source<'_>) -> Result<TopologyFile, Diagnostic> {
-    toml::from_str(source.text).map_err(|e| toml_diagnostic(source, &e))
+pub fn parse(source: &Source<'_>) -> Result<TopologyFile, Diagnostics> {
+    toml::from_str(source.text).map_err(|e| Diagnostics(vec![toml_diagnostic(source, &e)]))
 }
 
 fn toml_diagnostic(source: &Source<'_>, e: &toml::de::Error) -> Diagnostic {
@@ -156,7 +156,7 @@ ssd = "/mnt/nvme0/kvloft"
     #[test]
     fn misspelt_key_names_line_and_suggestion() {
         let text = "[memory]\npool-sise = \"1GiB\"\n";
-        let d = parse(&src(text)).unwrap_err();
+        let d = parse(&src(text)).unwrap_err().0.remove(0);
         assert_eq!(d.line, Some(2));
         assert_eq!(d.key, "pool-sise");
         assert!(d.message.contains("unknown field `pool-sise`"), "{}", d.message);
@@ -166,14 +166,14 @@ ssd = "/mnt/nvme0/kvloft"
     #[test]
     fn misspelt_shard_key_is_rejected() {
         let text = "[[shard]]\ncore = 1\ngpus = 0\n";
-        let d = parse(&src(text)).unwrap_err();
+        let d = parse(&src(text)).unwrap_err().0.remove(0);
         assert_eq!(d.line, Some(3));
         assert!(d.fix.contains("`gpu`"), "{}", d.fix);
     }
 
     #[test]
     fn wrong_type_is_an_error() {
-        let d = parse(&src("[[shard]]\ncore = \"two\"\n")).unwrap_err();
+        let d = parse(&src("[[shard]]\ncore = \"two\"\n")).unwrap_err().0.remove(0);
         assert_eq!(d.line, Some(2));
         assert!(d.message.contains("invalid type"), "{}", d.message);
     }

@@ -169,7 +169,7 @@ impl Machine {
 
     /// A compact list of CPU numbers, `0-3,8,10-11`, for messages.
     pub fn cpu_list(&self) -> String {
-        compact_list(self.cpus().into_iter())
+        compact_list(self.cpus())
     }
 }
 

@@ -89,10 +89,9 @@ impl Topology {
                 let n = self.shards.len().max(1) as u64;
                 shards_per_node.into_iter().map(|(node, count)| (node, total / n * count)).collect()
             }
-            PoolSize::PerNode(per_node) => shards_per_node
-                .into_keys()
-                .map(|node| (node, per_node.get(&node).copied().unwrap_or(0)))
-                .collect(),
+            PoolSize::PerNode(per_node) => {
+                shards_per_node.into_keys().map(|node| (node, per_node.get(&node).copied().unwrap_or(0))).collect()
+            }
         }
     }
 

@@ -43,8 +43,7 @@ pub fn place(machine: &Machine, reserved: &BTreeSet<CpuId>) -> Placement {
     let first_node = machine.nodes.first().map_or(0, |n| n.id);
     let local = |node: Option<NodeId>| node.unwrap_or(first_node);
 
-    let cores: Vec<_> =
-        machine.cores.iter().filter(|c| !c.cpus.iter().any(|cpu| reserved.contains(cpu))).collect();
+    let cores: Vec<_> = machine.cores.iter().filter(|c| !c.cpus.iter().any(|cpu| reserved.contains(cpu))).collect();
     let nodes: BTreeSet<NodeId> = cores.iter().map(|c| c.node).collect();
 
     let mut shards = Vec::new();
@@ -74,12 +73,9 @@ pub fn place(machine: &Machine, reserved: &BTreeSet<CpuId>) -> Placement {
         for (i, core) in node_cores.iter().enumerate() {
             let gpu = spread(i, n, &gpus).copied();
             let nic = spread(i, n, &nics).map(|s| s.to_string());
-            let nvme = spread(i, n, &drives)
-                .map(|d| (d.name.clone(), d.mount_point.as_ref().map(|m| m.join("kvloft"))));
-            shards.push(PlacedShard {
-                spec: ShardSpec { cpu: core.first_cpu(), node, gpu, nic, ssd: None },
-                nvme,
-            });
+            let nvme =
+                spread(i, n, &drives).map(|d| (d.name.clone(), d.mount_point.as_ref().map(|m| m.join("kvloft"))));
+            shards.push(PlacedShard { spec: ShardSpec { cpu: core.first_cpu(), node, gpu, nic, ssd: None }, nvme });
         }
         if n < gpus.len() {
             notes.push(format!(

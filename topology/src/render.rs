@@ -11,13 +11,21 @@ use std::fmt::Write;
 pub fn render(machine: &Machine, topology: &Topology, placement: Option<&Placement>) -> String {
     let mut out = String::new();
     let w = &mut out;
-    let _ = writeln!(w, "# kvloft topology for host {}, written by `kvloft topology` from discovery.", quote(&machine.hostname));
-    let _ = writeln!(w, "# Check an edited copy with `kvloft topology --check FILE`; run it with `kvloft serve --config FILE`.");
+    let _ = writeln!(
+        w,
+        "# kvloft topology for host {}, written by `kvloft topology` from discovery.",
+        quote(&machine.hostname)
+    );
+    let _ = writeln!(
+        w,
+        "# Check an edited copy with `kvloft topology --check FILE`; run it with `kvloft serve --config FILE`."
+    );
     let _ = writeln!(w, "#");
     let _ = writeln!(w, "# Machine:");
     for node in &machine.nodes {
         let cores: Vec<_> = machine.cores.iter().filter(|c| c.node == node.id).collect();
-        let cpus = compact_list(cores.iter().flat_map(|c| c.cpus.iter().copied()).collect::<std::collections::BTreeSet<_>>());
+        let cpus =
+            compact_list(cores.iter().flat_map(|c| c.cpus.iter().copied()).collect::<std::collections::BTreeSet<_>>());
         let _ = writeln!(
             w,
             "#   NUMA node {}: {} of memory, {} free in hugepages, {} cores (CPUs {})",
@@ -66,7 +74,10 @@ pub fn render(machine: &Machine, topology: &Topology, placement: Option<&Placeme
     let _ = writeln!(w, "[memory]");
     match &topology.memory.pool {
         PoolSize::Total(bytes) => {
-            let _ = writeln!(w, "# Pinned host pool for the whole machine, split over NUMA nodes by how many shards each runs.");
+            let _ = writeln!(
+                w,
+                "# Pinned host pool for the whole machine, split over NUMA nodes by how many shards each runs."
+            );
             let _ = writeln!(w, "# Per node instead: pool-size-per-node = {{ 0 = \"8GiB\", 1 = \"8GiB\" }}");
             let _ = writeln!(w, "pool-size = {}", quote(&size_text(*bytes)));
         }
@@ -80,8 +91,10 @@ pub fn render(machine: &Machine, topology: &Topology, placement: Option<&Placeme
     let _ = writeln!(w, "hugepages = {}", topology.memory.hugepages);
 
     let _ = writeln!(w);
-    let _ = writeln!(w, "# One [[shard]] per core. core: OS CPU number (as in taskset -c); numa-node: checked against the");
-    let _ = writeln!(w, "# core; gpu: GPU index in PCI order; nic: RDMA device or interface; ssd: directory on an NVMe");
+    let _ =
+        writeln!(w, "# One [[shard]] per core. core: OS CPU number (as in taskset -c); numa-node: checked against the");
+    let _ =
+        writeln!(w, "# core; gpu: GPU index in PCI order; nic: RDMA device or interface; ssd: directory on an NVMe");
     let _ = writeln!(w, "# drive for the NVMe tier (without it the shard keeps blocks in host memory only).");
     for (i, shard) in topology.shards.iter().enumerate() {
         let _ = writeln!(w, "[[shard]]");
@@ -116,7 +129,8 @@ pub fn render(machine: &Machine, topology: &Topology, placement: Option<&Placeme
                 );
             }
             (None, Some((drive, None))) => {
-                let _ = writeln!(w, "# ssd: {drive} is local but not mounted; mount it and name a directory on it here");
+                let _ =
+                    writeln!(w, "# ssd: {drive} is local but not mounted; mount it and name a directory on it here");
             }
             (None, None) => {
                 let _ = writeln!(w, "# ssd: no NVMe drive on NUMA node {}", shard.node);

@@ -4,9 +4,7 @@
 use crate::diagnostic::{Diagnostic, Diagnostics, Severity, Source};
 use crate::file::{self, TopologyFile};
 use crate::machine::{compact_list, CpuId, Machine, NodeId};
-use crate::model::{
-    default_socket, MemorySpec, PoolSize, ServerSpec, ShardSpec, Topology, DEFAULT_METRICS_ADDR,
-};
+use crate::model::{default_socket, MemorySpec, PoolSize, ServerSpec, ShardSpec, Topology, DEFAULT_METRICS_ADDR};
 use crate::placement;
 use bytesize::ByteSize;
 use serde_spanned::Spanned;
@@ -49,7 +47,7 @@ pub fn embedded_default(machine: &Machine) -> Result<Checked, Diagnostics> {
 
 /// Validates the TOML text in `source` against `machine`.
 pub fn check(source: &Source<'_>, machine: &Machine) -> Result<Checked, Diagnostics> {
-    let file = file::parse(source).map_err(|d| Diagnostics(vec![d]))?;
+    let file = file::parse(source)?;
     let mut v = Validator { source, machine, found: Vec::new() };
     let topology = v.topology(&file);
     let notes = if file.shards.is_empty() {
@@ -100,7 +98,13 @@ impl Validator<'_> {
         self.found.push(Diagnostic::at(severity, self.source, span, key, message, fix));
     }
 
-    fn error(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>, fix: impl Into<String>) {
+    fn error(
+        &mut self,
+        span: Range<usize>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
         self.report(Severity::Error, Some(span), key.into(), message.into(), fix.into());
     }
 
@@ -196,7 +200,10 @@ impl Validator<'_> {
                 self.error(
                     s.core.span(),
                     key("core"),
-                    format!("CPU {cpu} already runs shard[{first}] (line {}); two shards cannot share a core", line_of(first)),
+                    format!(
+                        "CPU {cpu} already runs shard[{first}] (line {}); two shards cannot share a core",
+                        line_of(first)
+                    ),
                     "give each [[shard]] its own core, or remove one of the two tables",
                 );
                 continue;
@@ -248,7 +255,12 @@ impl Validator<'_> {
                 } else {
                     format!("GPUs on this machine: {}", compact_list(self.machine.gpus.iter().map(|g| g.index)))
                 };
-                self.error(gpu.span(), key, format!("no GPU {index} ({have})"), "use an existing GPU index or remove the key");
+                self.error(
+                    gpu.span(),
+                    key,
+                    format!("no GPU {index} ({have})"),
+                    "use an existing GPU index or remove the key",
+                );
             }
             Some(g) if g.node.is_some_and(|n| n != node) => {
                 self.warn(
@@ -275,7 +287,10 @@ impl Validator<'_> {
                 self.error(
                     nic.span(),
                     key,
-                    format!("no network device named {name:?} (found: {})", if names.is_empty() { "none".to_string() } else { names.join(", ") }),
+                    format!(
+                        "no network device named {name:?} (found: {})",
+                        if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                    ),
                     "use a device name from `kvloft topology` or remove the key",
                 );
             }
@@ -297,7 +312,10 @@ impl Validator<'_> {
                 path.span(),
                 key,
                 format!("SSD path {} cannot be used: {e}", p.display()),
-                format!("create it (mkdir -p {}) on the NVMe drive, or remove the key to run without the NVMe tier", p.display()),
+                format!(
+                    "create it (mkdir -p {}) on the NVMe drive, or remove the key to run without the NVMe tier",
+                    p.display()
+                ),
             ),
             Ok(m) if !m.is_dir() && !is_block_device(&m) => self.error(
                 path.span(),
@@ -337,7 +355,10 @@ impl Validator<'_> {
                         None => self.error(
                             size.span(),
                             format!("memory.pool-size-per-node.{name}"),
-                            format!("no NUMA node {name:?} on this machine (nodes: {})", compact_list(self.machine.nodes.iter().map(|n| n.id))),
+                            format!(
+                                "no NUMA node {name:?} on this machine (nodes: {})",
+                                compact_list(self.machine.nodes.iter().map(|n| n.id))
+                            ),
                             "key the table by NUMA node ids",
                         ),
                         Some(node) => {

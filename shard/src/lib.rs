@@ -1,0 +1,26 @@
+//! kvloft's runtime: one pinned glommio executor per shard, hash routing, bounded cross-shard
+//! channels, the Unix-socket server and the Prometheus endpoint.
+//!
+//! [`Server::start`] turns a validated [`kvloft_topology::Topology`] into running shards: one
+//! executor thread per `[[shard]]`, pinned to its CPU, joined in a full mesh of bounded channels.
+//! Shard 0 accepts client connections and hands each to a shard in turn; the connection's shard
+//! answers its requests, asking the other shards over the mesh when it needs their figures.
+//! [`signals::install`] turns SIGINT/SIGTERM into a clean shutdown: every shard stops, the threads
+//! are joined and the socket file is removed.
+//!
+//! [`route`] holds the pure block-to-shard mapping; [`client`] is a blocking Rust client of the
+//! protocol, for the CLI, tests and benchmarks.
+
+pub mod client;
+mod conn;
+mod error;
+mod mesh;
+mod metrics;
+pub mod route;
+mod server;
+mod shard;
+pub mod signals;
+
+pub use error::ServeError;
+pub use mesh::MESH_CHANNEL_CAPACITY;
+pub use server::{Server, ShutdownHandle};
