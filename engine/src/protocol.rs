@@ -127,8 +127,8 @@ impl FrameError {
 }
 
 /// Decodes the first frame in `buf`. Returns `Ok(None)` while the frame is incomplete, and
-/// otherwise the frame and how many bytes it used. A non-fatal error also consumes its frame:
-/// the caller drops [`frame_len`] bytes and goes on.
+/// otherwise the frame and how many bytes it used. A non-fatal error is only returned once the
+/// whole frame is in `buf`: the caller drops [`LEN_BYTES`] + [`frame_len`] bytes and goes on.
 pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
     let Some(len) = frame_len(buf)? else { return Ok(None) };
     let total = LEN_BYTES + len;
@@ -145,8 +145,8 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
     Ok(Some((Frame { kind, request_id, body }, total)))
 }
 
-/// The total length (prefix included) of the first frame in `buf`, once its prefix and magic
-/// have arrived; `Ok(None)` before that.
+/// `L`, the length after the prefix (header + body), of the first frame in `buf`, once its
+/// prefix and magic have arrived; `Ok(None)` before that.
 pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
     if buf.len() < LEN_BYTES {
         return Ok(None);
@@ -202,6 +202,9 @@ pub enum Request {
 }
 
 impl Request {
+    /// Every operation name this build serves, as on the wire.
+    pub const OPS: &'static [&'static str] = &["hello", "stats"];
+
     /// The operation name, as on the wire.
     pub fn op(&self) -> &'static str {
         match self {
@@ -345,6 +348,13 @@ mod tests {
         assert_eq!((f.kind, f.request_id), (FrameKind::Request, 42));
         let req: Request = from_body(&f.body).unwrap();
         assert_eq!(req, Request::Hello(Hello { protocol: 1, client: "t".into(), pid: 7 }));
+    }
+
+    /// The same bytes are asserted by python/tests/test_protocol.py: both implementations agree.
+    #[test]
+    fn golden_stats_request() {
+        let bytes = frame(FrameKind::Request, 42, &to_body(&Request::Stats(StatsRequest {})));
+        assert_eq!(bytes, b"\x16\x00\x00\x00KL\x01\x01*\x00\x00\x00\x00\x00\x00\x00\x81\xa2op\xa5stats");
     }
 
     #[test]
