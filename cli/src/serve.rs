@@ -28,6 +28,8 @@ pub struct Args {
 
 /// Validates the topology, starts the shards, and serves until SIGINT or SIGTERM.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    // Before any thread starts, so that every thread inherits the blocked mask.
+    let blocked = signals::block()?;
     let machine = discover()?;
     let checked = match &args.config {
         Some(path) => validate::load(path, &machine),
@@ -63,7 +65,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     pool_fits(&topology, &machine).map_err(|e| anyhow::anyhow!("{e}; lower --pool-size"))?;
 
     let server = Server::start(topology.clone()).context("the server did not start")?;
-    signals::install(server.shutdown_handle())?;
+    signals::install(server.shutdown_handle(), blocked)?;
     let cpus = compact_list(topology.shards.iter().map(|s| s.cpu).collect::<std::collections::BTreeSet<_>>());
     let metrics = topology.server.metrics_addr.map_or_else(|| "off".to_string(), |a| format!("http://{a}/metrics"));
     eprintln!(

@@ -21,20 +21,29 @@ pub fn run(check: Option<&Path>) -> anyhow::Result<ExitCode> {
             }
             let t = &checked.topology;
             println!(
-                "{}: ok, {} shards on CPUs {}, pool {} ({} warnings)",
+                "{}: ok, {} on CPUs {}, pool {} ({})",
                 path.display(),
-                t.shards.len(),
+                plural(t.shards.len(), "shard"),
                 kvloft_topology::machine::compact_list(t.shards.iter().map(|s| s.cpu).collect::<BTreeSet<_>>()),
                 bytesize::ByteSize(t.pool_bytes()).display().iec(),
-                checked.warnings.len()
+                plural(checked.warnings.len(), "warning")
             );
             Ok(ExitCode::SUCCESS)
         }
         Err(diagnostics) => {
             eprintln!("{diagnostics}");
             let errors = diagnostics.0.iter().filter(|d| d.is_error()).count();
-            eprintln!("{}: {errors} error(s)", path.display());
+            eprintln!("{}: {}", path.display(), plural(errors, "error"));
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+/// `1 shard`, `2 shards`.
+fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }

@@ -86,7 +86,7 @@ pub enum FrameError {
         len: usize,
     },
     /// The magic bytes are wrong: the peer does not speak this protocol; close the connection.
-    #[error("bad frame magic {found:02x?}; the peer is not a kvloft client")]
+    #[error("bad frame magic {found:#04x?}; the peer is not a kvloft client")]
     BadMagic {
         /// What was found instead of `KL`.
         found: [u8; 2],

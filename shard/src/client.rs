@@ -14,12 +14,12 @@ use std::time::Duration;
 #[non_exhaustive]
 pub enum ClientError {
     /// No server listens on the path: start one with `kvloft serve`, or pass its socket path.
-    #[error("no kvloft server at {path}: {source}; start one with `kvloft serve` or pass --socket")]
+    #[error("no kvloft server at {path}: {cause}; start one with `kvloft serve` or pass --socket")]
     Unavailable {
         /// The path tried.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The connection broke or timed out mid-call; reconnect.
     #[error("connection to the kvloft server failed: {0}")]
@@ -57,7 +57,7 @@ impl Client {
     /// Connects to `path` and says hello. `timeout` bounds every read and write.
     pub fn connect(path: &Path, client_name: &str, timeout: Duration) -> Result<Self, ClientError> {
         let stream =
-            UnixStream::connect(path).map_err(|source| ClientError::Unavailable { path: path.into(), source })?;
+            UnixStream::connect(path).map_err(|cause| ClientError::Unavailable { path: path.into(), cause })?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         let mut client = Self {

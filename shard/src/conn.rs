@@ -55,7 +55,7 @@ impl Connection {
                         self.answer(&frame).await;
                     }
                     Err(e) if e.is_fatal() => {
-                        self.error(0, ErrorCode::BadFrame, format!("{e}; closing the connection"));
+                        self.error(0, ErrorCode::BadFrame, format!("{e} (closing the connection)"));
                         close = true;
                         break;
                     }
@@ -101,7 +101,7 @@ impl Connection {
         if frame.kind != FrameKind::Request {
             return Err(Failure(
                 ErrorCode::BadFrame,
-                format!("a client may send only request frames (kind 1), not {:?}", frame.kind),
+                format!("a client may send only request frames (kind 1), not kind {}", frame.kind as u8),
             ));
         }
         let request = parse_request(&frame.body)?;

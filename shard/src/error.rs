@@ -13,12 +13,12 @@ pub enum ServeError {
     #[error("{0} exists and is not a Unix socket; remove it or choose another socket path")]
     NotASocket(PathBuf),
     /// The socket (or its directory) could not be created.
-    #[error("cannot listen on {path}: {source}; check that the directory exists and is writable")]
+    #[error("cannot listen on {path}: {cause}; check that the directory exists and is writable")]
     Socket {
         /// Socket path.
         path: PathBuf,
         /// OS error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The metrics endpoint could not be bound.
     #[error("cannot serve metrics on {addr}: {message}; choose another --metrics-addr or \"off\"")]

@@ -5,7 +5,7 @@
 //! executor thread per `[[shard]]`, pinned to its CPU, joined in a full mesh of bounded channels.
 //! Shard 0 accepts client connections and hands each to a shard in turn; the connection's shard
 //! answers its requests, asking the other shards over the mesh when it needs their figures.
-//! [`signals::install`] turns SIGINT/SIGTERM into a clean shutdown: every shard stops, the threads
+//! [`signals::block`] and [`signals::install`] turn SIGINT/SIGTERM into a clean shutdown: every shard stops, the threads
 //! are joined and the socket file is removed.
 //!
 //! [`route`] holds the pure block-to-shard mapping; [`client`] is a blocking Rust client of the

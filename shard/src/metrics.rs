@@ -75,7 +75,11 @@ impl Metrics {
             .collect();
         registry.register("shard_connections", "Client connections served by the shard", connections);
         registry.register("shard_requests", "Requests answered by the shard", requests);
-        registry.register("shard_errors", "Requests answered with an error by the shard", errors);
+        registry.register(
+            "shard_errors",
+            "Error frames sent by the shard: failed requests and unreadable frames",
+            errors,
+        );
         Self { registry, uptime, started, shards: handles }
     }
 
@@ -115,8 +119,8 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()>
         head.extend_from_slice(&chunk[..n]);
     }
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let (status, ctype, body) = if line.starts_with(b"GET /metrics ") {
-        ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.encode())
+    let (status, ctype, body) = if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET /metrics?") {
+        ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode())
     } else if line.starts_with(b"GET /health ") {
         ("200 OK", "text/plain", "ok\n".to_string())
     } else {

@@ -135,17 +135,17 @@ impl Server {
 /// socket left by a server that died.
 fn prepare_socket(path: &Path) -> Result<(), ServeError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| ServeError::Socket { path: path.into(), source })?;
+        std::fs::create_dir_all(dir).map_err(|cause| ServeError::Socket { path: path.into(), cause })?;
     }
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(ServeError::Socket { path: path.into(), source }),
+        Err(cause) => Err(ServeError::Socket { path: path.into(), cause }),
         Ok(m) if !m.file_type().is_socket() => Err(ServeError::NotASocket(path.into())),
         Ok(_) => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Err(ServeError::AlreadyServing(path.into()));
             }
-            std::fs::remove_file(path).map_err(|source| ServeError::Socket { path: path.into(), source })
+            std::fs::remove_file(path).map_err(|cause| ServeError::Socket { path: path.into(), cause })
         }
     }
 }

@@ -105,7 +105,7 @@ pub(crate) async fn run(
 fn start_listeners(ctx: &Rc<ShardCtx>) -> Result<(), ServeError> {
     let server = &ctx.shared.topology.server;
     let listener = UnixListener::bind(&server.socket)
-        .map_err(|e| ServeError::Socket { path: server.socket.clone(), source: e.into() })?;
+        .map_err(|e| ServeError::Socket { path: server.socket.clone(), cause: e.into() })?;
     glommio::spawn_local(accept_loop(ctx.clone(), listener)).detach();
     if let Some(addr) = server.metrics_addr {
         let http = TcpListener::bind(addr).map_err(|e| ServeError::Metrics { addr, message: e.to_string() })?;

@@ -25,17 +25,28 @@ pub enum DiscoverError {
     NoCores,
 }
 
+/// hwloc plugins that load vendor libraries (CUDA, NVML, OpenCL, ROCm, Level Zero, X/GL). They
+/// start driver threads and install signal handlers in the server process, and add nothing we
+/// need: GPUs are found as PCI devices by hwloc's own Linux component.
+const VENDOR_PLUGINS: [&str; 6] = ["cuda", "nvml", "opencl", "rsmi", "levelzero", "gl"];
+
 const NVIDIA_VENDOR: u16 = 0x10de;
 const PCI_CLASS_VGA: u16 = 0x0300;
 const PCI_CLASS_3D: u16 = 0x0302;
 
 /// Discovers the machine kvloft runs on.
 pub fn discover() -> Result<Machine, DiscoverError> {
-    let topo = Hwloc::builder()
-        .with_io_type_filter(TypeFilter::KeepImportant)
-        .map_err(|e| DiscoverError::Hwloc(e.to_string()))?
-        .build()
-        .map_err(|e| DiscoverError::Hwloc(e.to_string()))?;
+    let hwloc_err = |e: &dyn std::fmt::Display| DiscoverError::Hwloc(e.to_string());
+    let new_builder = || Hwloc::builder().with_io_type_filter(TypeFilter::KeepImportant).map_err(|e| hwloc_err(&e));
+    // hwloc refuses to blacklist a plugin it does not have (EINVAL), and a refused call consumes
+    // the builder: probe each name on its own builder, then blacklist the ones hwloc knows.
+    let known: Vec<&str> =
+        VENDOR_PLUGINS.into_iter().filter(|p| new_builder().is_ok_and(|b| b.without_component(p).is_ok())).collect();
+    let mut builder = new_builder()?;
+    for plugin in known {
+        builder = builder.without_component(plugin).map_err(|e| hwloc_err(&e))?;
+    }
+    let topo = builder.build().map_err(|e| hwloc_err(&e))?;
     let node_count = topo.objects_with_type(ObjectType::NUMANode).count();
 
     let mut machine = Machine {

@@ -73,12 +73,7 @@ pub fn parse(source: &Source<'_>) -> Result<TopologyFile, Diagnostics> {
 fn toml_diagnostic(source: &Source<'_>, e: &toml::de::Error) -> Diagnostic {
     let message = e.message().trim().to_string();
     let span = e.span();
-    let key = span
-        .clone()
-        .and_then(|s| source.text.get(s))
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty() && !s.contains('\n'))
-        .unwrap_or_else(|| "(file)".to_string());
+    let key = span.clone().map(|s| key_at(source.text, s.start)).unwrap_or_else(|| "(file)".to_string());
     let fix = if let Some(rest) = message.strip_prefix("unknown field `") {
         let unknown = rest.split('`').next().unwrap_or_default();
         let expected: Vec<&str> =
@@ -89,12 +84,33 @@ fn toml_diagnostic(source: &Source<'_>, e: &toml::de::Error) -> Diagnostic {
         }
     } else if message.starts_with("missing field") {
         "add the key named above to this table".to_string()
+    } else if message.contains("parsable string") || message.contains("ByteSize") {
+        "write a size such as \"16GiB\" or \"512MiB\", or a byte count".to_string()
     } else if message.contains("invalid type") {
         "give the value the type named above (a number without quotes, a string in quotes)".to_string()
     } else {
         "correct the TOML at this position; `kvloft topology` prints a valid file to start from".to_string()
     };
     Diagnostic::at(Severity::Error, source, span, key, message, fix)
+}
+
+/// The key a byte offset points into: the text before `=` on that line when the offset is in a
+/// value, the key itself when it is in a key, `(file)` when neither.
+fn key_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let line = &text[start..end];
+    let key = match line.find('=') {
+        Some(eq) => &line[..eq],
+        None => line,
+    };
+    let key = key.trim().trim_matches(|c| c == '[' || c == ']').trim();
+    if key.is_empty() {
+        "(file)".to_string()
+    } else {
+        key.to_string()
+    }
 }
 
 /// The candidate within edit distance 3 of `word`, closest first.
@@ -176,6 +192,13 @@ ssd = "/mnt/nvme0/kvloft"
         let d = parse(&src("[[shard]]\ncore = \"two\"\n")).unwrap_err().0.remove(0);
         assert_eq!(d.line, Some(2));
         assert!(d.message.contains("invalid type"), "{}", d.message);
+    }
+
+    #[test]
+    fn bad_size_names_its_key() {
+        let d = parse(&src("[memory]\npool-size = \"lots\"\n")).unwrap_err().0.remove(0);
+        assert_eq!((d.line, d.key.as_str()), (Some(2), "pool-size"));
+        assert!(d.fix.contains("16GiB"), "{}", d.fix);
     }
 
     #[test]

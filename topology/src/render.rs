@@ -1,7 +1,7 @@
 //! Writes a topology as a commented, ready-to-edit TOML file (`kvloft topology`).
 
 use crate::machine::{compact_list, DiskKind, Machine, NicKind};
-use crate::model::{PoolSize, Topology};
+use crate::model::{default_socket, PoolSize, Topology, DEFAULT_SOCKET};
 use crate::placement::Placement;
 use bytesize::ByteSize;
 use std::fmt::Write;
@@ -51,7 +51,7 @@ pub fn render(machine: &Machine, topology: &Topology, placement: Option<&Placeme
         let _ = writeln!(w, "#   {kind} {}{size}, {}{mount}", d.name, node_text(d.node));
     }
     if machine.gpus.is_empty() {
-        let _ = writeln!(w, "#   no NVIDIA GPU: copies use the host backend");
+        let _ = writeln!(w, "#   no NVIDIA GPU");
     }
     for note in placement.map(|p| p.notes.as_slice()).unwrap_or_default() {
         let _ = writeln!(w, "# Note: {note}");
@@ -64,8 +64,14 @@ pub fn render(machine: &Machine, topology: &Topology, placement: Option<&Placeme
 
     let _ = writeln!(w);
     let _ = writeln!(w, "[server]");
-    let _ = writeln!(w, "# Unix socket that inference processes connect to.");
-    let _ = writeln!(w, "socket = {}", quote(&topology.server.socket.to_string_lossy()));
+    let _ = writeln!(w, "# Unix socket that inference processes connect to; without this key the server uses");
+    let _ = writeln!(w, "# $KVLOFT_SOCKET, else {DEFAULT_SOCKET}.");
+    let socket = quote(&topology.server.socket.to_string_lossy());
+    if topology.server.socket == default_socket() {
+        let _ = writeln!(w, "# socket = {socket}");
+    } else {
+        let _ = writeln!(w, "socket = {socket}");
+    }
     let _ = writeln!(w, "# Prometheus endpoint (GET /metrics) as host:port, or \"off\".");
     let metrics = topology.server.metrics_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
     let _ = writeln!(w, "metrics-addr = {}", quote(&metrics));

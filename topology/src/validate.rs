@@ -120,7 +120,7 @@ impl Validator<'_> {
         } else {
             self.shards(file, &reserved)
         };
-        if shards.is_empty() {
+        if shards.is_empty() && file.shards.is_empty() {
             let span = file.reserved_cores.as_ref().map(|r| r.span());
             self.report(
                 Severity::Error,
@@ -413,7 +413,11 @@ impl Validator<'_> {
             return; // already reported: no core is left for a shard
         }
         if let Err(message) = pool_fits(topology, self.machine) {
-            let fix = "lower memory.pool-size (or the node's entry in pool-size-per-node), or move shards to nodes with more memory";
+            let fix = if topology.pool_bytes() == 0 {
+                "give memory.pool-size (or pool-size-per-node) a size of at least a few MiB per shard"
+            } else {
+                "lower memory.pool-size (or the node's entry in pool-size-per-node), or move shards to nodes with more memory"
+            };
             self.report(Severity::Error, span, "memory.pool-size".into(), message, fix.into());
         }
     }
