@@ -190,6 +190,13 @@ pub fn from_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, rmp_serde:
     rmp_serde::from_slice(body)
 }
 
+/// Most blocks (or hashes) one `lookup`, `save` or `load` may carry; split larger batches.
+pub const MAX_BATCH_BLOCKS: usize = 65_536;
+/// Most layers one `register_memory` may describe.
+pub const MAX_LAYERS: usize = 4_096;
+/// Longest block hash, in bytes (vLLM's SHA-256 block hashes are 32).
+pub const MAX_HASH_BYTES: usize = 32;
+
 /// A client request body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -197,21 +204,223 @@ pub fn from_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, rmp_serde:
 pub enum Request {
     /// First request on every connection: agree on the protocol version.
     Hello(Hello),
-    /// Server figures: shards, pinning, uptime.
+    /// Join an inference instance and its namespace (the fingerprint of everything that changes a
+    /// block's bytes). Every connection of an engine (scheduler and each worker) sends it once.
+    RegisterInstance(RegisterInstance),
+    /// A worker hands over where its KV cache lives; the connection becomes that rank's.
+    RegisterMemory(RegisterMemory),
+    /// How many leading hashes are stored, and a lease that pins them until loaded or released.
+    Lookup(Lookup),
+    /// Copy the named engine blocks of this rank into the store; completion comes as a
+    /// `save_done` event.
+    Save(Save),
+    /// Copy a lease's blocks into the named engine blocks of this rank; completion comes as a
+    /// `load_done` event.
+    Load(Load),
+    /// Give up a lease without loading (the rest of) it.
+    Release(Release),
+    /// Server figures: shards, pinning, uptime, pool and index.
     Stats(StatsRequest),
 }
 
 impl Request {
     /// Every operation name this build serves, as on the wire.
-    pub const OPS: &'static [&'static str] = &["hello", "stats"];
+    pub const OPS: &'static [&'static str] =
+        &["hello", "register_instance", "register_memory", "lookup", "save", "load", "release", "stats"];
 
     /// The operation name, as on the wire.
     pub fn op(&self) -> &'static str {
         match self {
             Self::Hello(_) => "hello",
+            Self::RegisterInstance(_) => "register_instance",
+            Self::RegisterMemory(_) => "register_memory",
+            Self::Lookup(_) => "lookup",
+            Self::Save(_) => "save",
+            Self::Load(_) => "load",
+            Self::Release(_) => "release",
             Self::Stats(_) => "stats",
         }
     }
+}
+
+/// Everything that changes the bytes of a block. Two engines whose namespaces are equal share
+/// blocks; any difference is a miss.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NamespaceSpec {
+    /// Model identity (name or path, plus revision where known).
+    pub model: String,
+    /// Model dtype (`bfloat16`).
+    pub dtype: String,
+    /// KV-cache dtype (`auto`, `fp8_e4m3`).
+    pub kv_dtype: String,
+    /// Attention layers whose KV is stored.
+    pub num_layers: u32,
+    /// KV heads per layer (over all TP ranks).
+    pub num_kv_heads: u32,
+    /// Head size.
+    pub head_size: u32,
+    /// Tokens per block.
+    pub block_size: u32,
+    /// Attention layout: `nhd`, `hnd`, `mla`, `cross_layer`.
+    pub layout: String,
+    /// Tensor-parallel size.
+    pub tp_size: u32,
+    /// Pipeline-parallel size.
+    pub pp_size: u32,
+    /// Hybrid-attention group id (0 for plain models).
+    #[serde(default)]
+    pub group: u32,
+}
+
+/// `register_instance`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterInstance {
+    /// Id shared by every process of one inference engine (its engine id).
+    pub instance: String,
+    /// The instance's namespace.
+    pub namespace: NamespaceSpec,
+}
+
+/// Answer to `register_instance`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterInstanceReply {
+    /// The namespace id, 32 hex digits, stable across processes, hosts and restarts.
+    pub namespace_id: String,
+    /// Slices per block: `tp_size * pp_size`; a block is visible once all are written.
+    pub slices_per_block: u32,
+}
+
+/// Where one layer's KV blocks live in the worker's memory. Segment `s` of engine block `b`
+/// starts at `base + b * block_stride + s * segment_stride` and is `segment_bytes` long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerMemory {
+    /// Address of block 0, segment 0, in the worker's address space.
+    pub base: u64,
+    /// Engine blocks in this layer's cache.
+    pub num_blocks: u32,
+    /// Bytes from one block to the next.
+    pub block_stride: u64,
+    /// Segments per block: 2 for split K/V, 1 for MLA or cross-layer blocks.
+    pub segments: u32,
+    /// Bytes from one segment to the next (ignored with one segment).
+    pub segment_stride: u64,
+    /// Bytes of one segment of one block.
+    pub segment_bytes: u64,
+}
+
+/// `register_memory`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterMemory {
+    /// This worker's rank in the instance: `pp_rank * tp_size + tp_rank`.
+    pub rank: u32,
+    /// Where the memory is: `cpu` (the host backend reads it from this process) or `cuda:N`.
+    pub device: String,
+    /// One entry per layer, in layer order.
+    pub layers: Vec<LayerMemory>,
+}
+
+/// Answer to `register_memory`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterMemoryReply {
+    /// Bytes of this rank's slice of one block (all layers, all segments).
+    pub slice_bytes: u64,
+}
+
+/// A block hash as the engine computed it (vLLM's `request.block_hashes`), 1 to 32 bytes.
+pub type BlockHashBytes = serde_bytes::ByteBuf;
+
+/// `lookup`: block hashes of a prompt in prefix order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lookup {
+    /// Chained block hashes, first block first.
+    pub hashes: Vec<BlockHashBytes>,
+}
+
+/// Answer to `lookup`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LookupReply {
+    /// Leading hashes whose every slice is stored.
+    pub hits: u32,
+    /// Pins those hits until every rank loaded them, `release`, or expiry; 0 when `hits` is 0.
+    pub lease: u64,
+    /// Seconds the lease stays valid.
+    pub lease_ttl_s: u32,
+}
+
+/// One block to save: its hash and the engine block that holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveBlock {
+    /// Block hash.
+    pub hash: BlockHashBytes,
+    /// Engine block id in the registered memory.
+    pub block_id: u32,
+}
+
+/// `save`: this rank's slices of these blocks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Save {
+    /// Blocks to save.
+    pub blocks: Vec<SaveBlock>,
+}
+
+/// Answer to `save` or `load`: the work is queued; an event reports completion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Queued {
+    /// Blocks accepted.
+    pub blocks: u32,
+}
+
+/// `load`: copy the lease's first `block_ids.len()` hits into these engine blocks, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Load {
+    /// The lease from `lookup`.
+    pub lease: u64,
+    /// Destination engine block per hit.
+    pub block_ids: Vec<u32>,
+}
+
+/// `release`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    /// The lease to give up.
+    pub lease: u64,
+}
+
+/// Answer to `release` and to registrations that return nothing else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Done {}
+
+/// An asynchronous completion, sent in an event frame with the request's id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Event {
+    /// A `save` finished.
+    SaveDone(SaveDone),
+    /// A `load` finished.
+    LoadDone(LoadDone),
+}
+
+/// A `save` finished: how many slices were written, already present, or failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveDone {
+    /// Slices copied into the store.
+    pub saved: u32,
+    /// Slices the store already had (nothing copied).
+    pub present: u32,
+    /// Slices not saved (pool full, copy failed); the engine keeps serving without them.
+    pub failed: u32,
+    /// Why some failed.
+    pub error: Option<String>,
+}
+
+/// A `load` finished. With `error`, none of the destination blocks may be used: recompute them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadDone {
+    /// Blocks copied into the engine's memory.
+    pub loaded: u32,
+    /// Why the load failed; `None` on success.
+    pub error: Option<String>,
 }
 
 /// `hello`: the client's protocol version and who it is.
@@ -238,6 +447,18 @@ pub struct StatsRequest {}
 pub enum Reply {
     /// Answer to `hello`.
     Hello(HelloReply),
+    /// Answer to `register_instance`.
+    RegisterInstance(RegisterInstanceReply),
+    /// Answer to `register_memory`.
+    RegisterMemory(RegisterMemoryReply),
+    /// Answer to `lookup`.
+    Lookup(LookupReply),
+    /// Answer to `save`; a `save_done` event follows.
+    Save(Queued),
+    /// Answer to `load`; a `load_done` event follows.
+    Load(Queued),
+    /// Answer to `release`.
+    Release(Done),
     /// Answer to `stats`.
     Stats(StatsReply),
 }
@@ -251,6 +472,10 @@ pub struct HelloReply {
     pub server_version: String,
     /// Number of shards.
     pub shards: u32,
+    /// Server process id: a worker grants it access to its memory (PR_SET_PTRACER) for the host
+    /// backend.
+    #[serde(default)]
+    pub pid: u32,
 }
 
 /// Answer to `stats`.
@@ -295,6 +520,30 @@ pub struct ShardStats {
     pub connections: u64,
     /// Requests this shard has answered since start.
     pub requests: u64,
+    /// Slices stored (sealed) in this shard's pool.
+    #[serde(default)]
+    pub slices: u64,
+    /// Pool bytes in use (slots of stored and in-flight slices).
+    #[serde(default)]
+    pub used_bytes: u64,
+    /// Hashes looked up on this shard that were found, over all ranks.
+    #[serde(default)]
+    pub hits: u64,
+    /// Hashes looked up on this shard that were missing.
+    #[serde(default)]
+    pub misses: u64,
+    /// Slices evicted to make room.
+    #[serde(default)]
+    pub evictions: u64,
+    /// Slices saved.
+    #[serde(default)]
+    pub saves: u64,
+    /// Slices loaded.
+    #[serde(default)]
+    pub loads: u64,
+    /// Leases held on this shard.
+    #[serde(default)]
+    pub leases: u64,
 }
 
 /// Body of an error frame.
@@ -323,6 +572,25 @@ pub enum ErrorCode {
     UnknownOp,
     /// A request came before `hello`; send `hello` first.
     HelloRequired,
+    /// The request needs `register_instance` first on this connection.
+    NotRegistered,
+    /// The request needs `register_memory` first on this connection (only workers save and load).
+    NoMemory,
+    /// The connection already registered; open another connection for another instance or rank.
+    AlreadyRegistered,
+    /// Registrations of one instance disagree (namespace, slice size, rank out of range).
+    Mismatch,
+    /// An engine block id is outside the registered memory.
+    BlockOutOfRange,
+    /// The lease does not exist: it expired, was released or fully loaded. Look up again.
+    UnknownLease,
+    /// The lease belongs to another instance.
+    LeaseNotOwned,
+    /// A batch, hash or table exceeds its bound; the message names the limit.
+    TooLarge,
+    /// The server could not read or write the client's memory; the message says why (for the host
+    /// backend: grant access with PR_SET_PTRACER, or run as the same user).
+    MemoryAccess,
     /// The server is shutting down; reconnect later.
     ShuttingDown,
     /// The server failed internally; the message says where. Retry, then report it.

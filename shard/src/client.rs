@@ -64,7 +64,7 @@ impl Client {
             stream,
             next_id: 1,
             buf: Vec::new(),
-            server: HelloReply { protocol: 0, server_version: String::new(), shards: 0 },
+            server: HelloReply { protocol: 0, server_version: String::new(), shards: 0, pid: 0 },
         };
         let hello =
             Hello { protocol: u32::from(PROTOCOL_VERSION), client: client_name.into(), pid: std::process::id() };

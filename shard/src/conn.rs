@@ -124,6 +124,7 @@ impl Connection {
                     protocol: u32::from(PROTOCOL_VERSION),
                     server_version: env!("CARGO_PKG_VERSION").into(),
                     shards: self.ctx.shared.topology.shards.len() as u32,
+                    pid: std::process::id(),
                 }))
             }
             other if !self.greeted => Err(Failure(
