@@ -52,6 +52,15 @@ impl ShardCtx {
             allowed_cpus,
             connections: self.metrics.connections.get().max(0) as u64,
             requests: self.metrics.requests.get(),
+            // No block store in this build yet: these figures are truly zero.
+            slices: 0,
+            used_bytes: 0,
+            hits: 0,
+            misses: 0,
+            evictions: 0,
+            saves: 0,
+            loads: 0,
+            leases: 0,
         }
     }
 
