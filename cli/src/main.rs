@@ -2,6 +2,7 @@
 //! `stats` asks a running server for its figures.
 #![deny(unsafe_code)]
 
+mod bench;
 mod serve;
 mod stats;
 mod topology;
@@ -28,8 +29,11 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         check: Option<PathBuf>,
     },
-    /// Show a running server's shards, their cores and NUMA nodes, and uptime.
+    /// Show a running server's shards, their cores and NUMA nodes, uptime and store figures.
     Stats(stats::Args),
+    /// Run a benchmark suite and write its JSON result.
+    #[command(subcommand)]
+    Bench(bench::Suite),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +42,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(&args),
         Command::Topology { check } => topology::run(check.as_deref()),
         Command::Stats(args) => stats::run(&args),
+        Command::Bench(suite) => bench::run(&suite),
     };
     match result {
         Ok(code) => code,

@@ -36,21 +36,42 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         ByteSize(stats.pool_bytes).display().iec()
     );
     println!(
-        "{:>5} {:>4} {:>4} {:>4} {:>10} {:>10} {:>9} {:>8} {:>5} {:>9}",
-        "shard", "cpu", "node", "gpu", "nic", "pool", "pinned", "tid", "conns", "requests"
+        "{:>5} {:>4} {:>4} {:>4} {:>8} {:>7} {:>8} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>6} {:>5} {:>8}",
+        "shard",
+        "cpu",
+        "node",
+        "gpu",
+        "nic",
+        "pinned",
+        "tid",
+        "pool",
+        "used",
+        "slices",
+        "hits",
+        "misses",
+        "saves",
+        "leases",
+        "conns",
+        "requests"
     );
     for s in &stats.shards {
         let pinned: Vec<String> = s.allowed_cpus.iter().map(u32::to_string).collect();
         println!(
-            "{:>5} {:>4} {:>4} {:>4} {:>10} {:>10} {:>9} {:>8} {:>5} {:>9}",
+            "{:>5} {:>4} {:>4} {:>4} {:>8} {:>7} {:>8} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>6} {:>5} {:>8}",
             s.id,
             s.cpu,
             s.numa_node,
             s.gpu.map_or_else(|| "-".into(), |g| g.to_string()),
             s.nic.as_deref().unwrap_or("-"),
-            ByteSize(s.pool_bytes).display().iec().to_string(),
             pinned.join(","),
             s.thread_id,
+            ByteSize(s.pool_bytes).display().iec().to_string(),
+            ByteSize(s.used_bytes).display().iec().to_string(),
+            s.slices,
+            s.hits,
+            s.misses,
+            s.saves,
+            s.leases,
             s.connections,
             s.requests
         );

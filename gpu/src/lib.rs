@@ -1,7 +1,24 @@
 //! Data movement between inference-engine memory and kvloft's pinned pool.
 //!
-//! This crate will hold the two copy backends named in DESIGN.md: `cuda` (CUDA IPC import of the
-//! engine's KV tensors, streams, events, the copy planner and gather/scatter kernels) and `host`
-//! (CPU-inference memory reached directly, without a copy through the client). It is empty in
-//! this release: the block store and the host backend arrive next, the CUDA backend after them.
+//! What exists today:
+//! - [`arena`]: [`Arena`], one shard's slice of the pinned host pool: an anonymous mapping with
+//!   2 MiB hugepages where reserved, bound to the shard's NUMA node, pre-touched in parallel and
+//!   locked in memory.
+//! - [`host`]: the `host` backend for CPU inference: [`HostMemory`] describes a client process's KV
+//!   cache and copies blocks between it and pool slots with `process_vm_readv`/`process_vm_writev`,
+//!   one copy per byte and no staging.
+//!
+//! The `cuda` backend named in DESIGN.md (CUDA IPC import, streams, events, the copy planner and
+//! gather/scatter kernels) comes later.
+//!
+//! Unsafe code (system calls and raw pool pointers) is confined to those two modules; the crate
+//! denies it everywhere else.
 #![deny(unsafe_code)]
+
+#[allow(unsafe_code)]
+pub mod arena;
+#[allow(unsafe_code)]
+pub mod host;
+
+pub use arena::{Arena, ArenaError};
+pub use host::{HostError, HostMemory};

@@ -51,7 +51,10 @@ def render_stats(stats: dict[str, Any]) -> str:
         f"pool     {format_bytes(int(stats.get('pool_bytes', 0)))}",
         "",
     ]
-    header = ["shard", "cpu", "numa", "gpu", "nic", "ssd", "pool", "allowed cpus", "tid", "conns", "requests"]
+    header = [
+        "shard", "cpu", "numa", "gpu", "nic", "ssd", "pool", "allowed cpus", "tid", "conns", "requests",
+        "slices", "used", "hits", "misses", "saves", "loads", "evictions", "leases",
+    ]
     rows = [
         [
             _cell(s.get("id")),
@@ -65,6 +68,14 @@ def render_stats(stats: dict[str, Any]) -> str:
             _cell(s.get("thread_id")),
             _cell(s.get("connections")),
             _cell(s.get("requests")),
+            _cell(s.get("slices")),
+            "-" if s.get("used_bytes") is None else format_bytes(int(s["used_bytes"])),
+            _cell(s.get("hits")),
+            _cell(s.get("misses")),
+            _cell(s.get("saves")),
+            _cell(s.get("loads")),
+            _cell(s.get("evictions")),
+            _cell(s.get("leases")),
         ]
         for s in stats.get("shards", [])
     ]

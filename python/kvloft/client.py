@@ -8,6 +8,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -15,13 +16,18 @@ from typing import Any
 from .config import default_socket_path
 from .errors import (
     ConnectionLost,
+    EventLost,
+    LoadFailed,
     ProtocolError,
     ProtocolMismatch,
     RequestTimeout,
     ServerError,
     ServerUnavailable,
 )
+from .host import grant_access
+from .namespace import Namespace, check_u32
 from .protocol import (
+    EVENT_LOAD_DONE,
     MAX_REQUEST_ID,
     PROTOCOL_VERSION,
     ErrorCode,
@@ -32,9 +38,35 @@ from .protocol import (
     UnsupportedFrameVersion,
     encode_frame,
 )
+from .store import (
+    LayerMemory,
+    LookupResult,
+    block_ids_to_wire,
+    hashes_to_wire,
+    layers_to_wire,
+    lease_to_wire,
+    save_blocks_to_wire,
+)
 
 #: Bytes asked of the socket per read.
 _RECV_BYTES = 1 << 16
+#: Default seconds :meth:`Client.save`, :meth:`Client.load` and :meth:`Client.wait_event` wait
+#: for a completion event.
+DEFAULT_EVENT_TIMEOUT = 60.0
+#: Longest a waiter holds the client's lock while it waits for the socket, so other threads'
+#: requests go through meanwhile.
+_WAIT_SLICE_S = 0.05
+#: Bound of the table of save/load requests whose completion has not been collected.
+_MAX_INFLIGHT = 1 << 16
+
+
+@dataclass(frozen=True)
+class _Inflight:
+    """A save or load sent through the API whose completion event is not collected yet."""
+
+    op: str
+    blocks: int
+    generation: int
 
 
 @dataclass(frozen=True)
@@ -56,15 +88,21 @@ class Client:
             ``/tmp/kvloft.sock``).
         timeout: seconds to wait for connecting and for each reply.
         client_name: name the server logs for this connection (sent in ``hello``).
-        max_events: bound of the queue that keeps event frames until :meth:`events` takes
-            them; when it is full the oldest event is dropped and counted in
-            :attr:`events_dropped`.
+        max_events: bound of the queue that keeps event frames until :meth:`events` or
+            :meth:`wait_event` takes them; when it is full the oldest event is dropped and
+            counted in :attr:`events_dropped` (its waiter gets :class:`EventLost`).
 
     The client connects on :meth:`connect`, on entering a ``with`` block, or lazily on the
     first request, and always sends ``hello`` first. If the server closes the connection,
     the call in progress raises :class:`ConnectionLost` and the next call connects again.
     One lock serialises requests, so a client may be shared between threads (each request
-    waits for the one before it).
+    waits for the one before it); a thread waiting for a completion event lets other
+    threads' requests through.
+
+    A connection remembers its :meth:`register_instance` and :meth:`register_memory`; when
+    the client connects again (after :class:`ConnectionLost` or :meth:`close`), it repeats
+    them on the new connection before the next request. Leases and uncollected completions
+    belong to the connection and are gone with it.
     """
 
     def __init__(
@@ -85,7 +123,15 @@ class Client:
         self._sock: socket.socket | None = None
         self._decoder = FrameDecoder()
         self._events: collections.deque[Event] = collections.deque(maxlen=max_events)
+        self._dropped_ids: collections.deque[int] = collections.deque(maxlen=max(64, max_events))
+        self._inflight: collections.OrderedDict[int, _Inflight] = collections.OrderedDict()
+        self._generation = 0
         self._next_id = 1
+        self._registration: tuple[str, Namespace] | None = None
+        self._memory: tuple[int, list[LayerMemory], str] | None = None
+        #: Outcome of the last host-backend access grant (:func:`kvloft.host.grant_access`):
+        #: ``True`` granted, ``False`` nothing to grant (no Yama), ``None`` not attempted.
+        self.access_granted: bool | None = None
 
     # -- connection ------------------------------------------------------------------
 
@@ -93,6 +139,13 @@ class Client:
     def connected(self) -> bool:
         """Whether a socket to the server is open."""
         return self._sock is not None
+
+    @property
+    def server_pid(self) -> int | None:
+        """The server's process id from its hello reply (``None`` before hello, or from a
+        server that does not say)."""
+        pid = (self.server_info or {}).get("pid")
+        return int(pid) if pid else None
 
     def connect(self, hello: bool = True) -> dict[str, Any] | None:
         """Open the connection (if not open yet) and, by default, say hello.
@@ -105,16 +158,24 @@ class Client:
         :class:`ProtocolMismatch` when the server speaks another protocol version.
         """
         with self._lock:
+            opened = self._sock is None
             self._open_locked()
             if hello:
-                return self._hello_locked()
+                reply = self._hello_locked()
+                if opened:
+                    self._replay_locked()
+                return reply
             return None
 
     def hello(self) -> dict[str, Any]:
         """Send ``hello`` (connecting first if needed) and return the server's reply."""
         with self._lock:
+            opened = self._sock is None
             self._open_locked()
-            return self._hello_locked()
+            reply = self._hello_locked()
+            if opened:
+                self._replay_locked()
+            return reply
 
     def close(self) -> None:
         """Close the connection; safe to call more than once."""
@@ -153,14 +214,170 @@ class Client:
         :class:`ProtocolError` when it sends bytes that are not protocol v1.
         """
         with self._lock:
-            if self._sock is None:
-                self._open_locked()
-                self._hello_locked()
+            self._ensure_locked()
             return self._roundtrip_locked({"op": op, **fields})
 
     def stats(self) -> dict[str, Any]:
         """Return the server's figures (``StatsReply``): version, pid, uptime, shards."""
         return self.request("stats")
+
+    # -- store operations -------------------------------------------------------------
+
+    def register_instance(self, instance: str, namespace: Namespace) -> dict[str, Any]:
+        """Join inference instance ``instance`` (its engine id) with its namespace.
+
+        Every connection of an engine (scheduler and each worker) sends it once. Returns the
+        reply: ``namespace_id`` (32 hex digits, stable across processes, hosts and restarts)
+        and ``slices_per_block`` (``tp_size * pp_size``). Errors (:class:`ServerError`):
+        ``already_registered`` on a connection that registered, ``mismatch`` when another
+        connection registered the same instance with another namespace.
+        """
+        if not isinstance(instance, str) or not instance:
+            raise ValueError(f"instance must be a non-empty string (the engine id), got {instance!r}")
+        if not isinstance(namespace, Namespace):
+            raise TypeError(f"namespace must be a kvloft.Namespace, not {type(namespace).__name__}")
+        with self._lock:
+            self._ensure_locked(replay=False)
+            reply = self._register_instance_locked(instance, namespace)
+            self._registration = (instance, namespace)
+            self._memory = None
+            return reply
+
+    def register_memory(
+        self, rank: int, layers: Sequence[LayerMemory], device: str = "cpu"
+    ) -> dict[str, Any]:
+        """Hand over where this worker's KV cache lives; the connection becomes rank ``rank``.
+
+        ``rank`` is ``pp_rank * tp_size + tp_rank``; ``layers`` has one
+        :class:`LayerMemory` per layer, in layer order; ``device`` is ``"cpu"`` (the server's
+        host backend reads and writes this process's memory) or ``"cuda:N"``. For ``"cpu"``
+        this first grants the server access to this process's memory
+        (:func:`kvloft.host.grant_access` with the pid from the hello reply). Returns the
+        reply: ``slice_bytes``, this rank's bytes of one block. Needs
+        :meth:`register_instance` first (``not_registered``); ``mismatch`` when the rank is
+        out of range or the slice size disagrees with the instance's other ranks.
+        """
+        rank = check_u32("rank", rank)
+        layers = list(layers) if not isinstance(layers, LayerMemory) else layers
+        layers_to_wire(layers)  # checks before anything is sent
+        if not isinstance(device, str) or not device:
+            raise ValueError(f"device must be 'cpu' or 'cuda:N', got {device!r}")
+        with self._lock:
+            self._ensure_locked(replay_memory=False)
+            reply = self._register_memory_locked(rank, layers, device)
+            self._memory = (rank, layers, device)
+            return reply
+
+    def lookup(self, hashes: Iterable[bytes]) -> LookupResult:
+        """How many leading ``hashes`` are stored, and a lease that pins those blocks.
+
+        ``hashes`` are the prompt's chained block hashes, first block first, each 1 to 32
+        bytes (at most :data:`kvloft.protocol.MAX_BATCH_BLOCKS`). Hits stop at the first
+        hash that is not stored. The lease (0 when there is no hit) holds the hits until the
+        instance's ranks load them, :meth:`release`, expiry (``lease_ttl_s``), or this
+        connection closes. Needs :meth:`register_instance` first.
+        """
+        wire = hashes_to_wire(hashes)
+        reply = self.request("lookup", hashes=wire)
+        return LookupResult(
+            hits=_int_field(reply, "hits"),
+            lease=_int_field(reply, "lease"),
+            lease_ttl_s=_int_field(reply, "lease_ttl_s", 0),
+        )
+
+    def save(
+        self,
+        blocks: Iterable[tuple[bytes, int]],
+        wait: bool = True,
+        timeout: float | None = DEFAULT_EVENT_TIMEOUT,
+    ) -> Any:
+        """Copy this rank's slices of engine blocks into the store.
+
+        ``blocks`` are ``(hash, block_id)`` pairs: the block hash and the engine block of the
+        registered memory that holds it. With ``wait`` (the default), returns the
+        ``save_done`` event body: ``saved``, ``present`` (already stored), ``failed`` and
+        ``error`` (why some failed; the engine goes on without them). The engine blocks must
+        not change until then. With ``wait=False`` returns the request id at once; collect
+        the completion with :meth:`wait_event`. Needs :meth:`register_memory` first
+        (``no_memory``).
+        """
+        wire = save_blocks_to_wire(blocks)
+        return self._submit_and_wait("save", len(wire), {"op": "save", "blocks": wire}, wait, timeout)
+
+    def load(
+        self,
+        lease: int | LookupResult,
+        block_ids: Iterable[int],
+        wait: bool = True,
+        timeout: float | None = DEFAULT_EVENT_TIMEOUT,
+    ) -> Any:
+        """Copy a lease's first ``len(block_ids)`` hits into these engine blocks, in order.
+
+        With ``wait`` (the default), returns the ``load_done`` event body (``loaded``,
+        ``error``) and raises :class:`LoadFailed` when it carries an error, or reports fewer
+        blocks than asked: then none of the destination blocks may be used, recompute them.
+        With ``wait=False`` returns the request id; :meth:`wait_event` collects the
+        completion (and raises :class:`LoadFailed` the same way). A refused request raises
+        :class:`ServerError` (``unknown_lease``, ``lease_not_owned``, ``block_out_of_range``,
+        ``no_memory``) and leaves the destination blocks untouched.
+        """
+        wire_lease = lease_to_wire(lease)
+        ids = block_ids_to_wire(block_ids)
+        return self._submit_and_wait(
+            "load", len(ids), {"op": "load", "lease": wire_lease, "block_ids": ids}, wait, timeout
+        )
+
+    def release(self, lease: int | LookupResult) -> None:
+        """Give up a lease without loading (the rest of) it.
+
+        Raises :class:`ServerError` ``unknown_lease`` when it expired, was released or fully
+        loaded, and ``lease_not_owned`` when it belongs to another instance.
+        """
+        self.request("release", lease=lease_to_wire(lease))
+
+    def wait_event(self, request_id: int, timeout: float | None = DEFAULT_EVENT_TIMEOUT) -> dict[str, Any]:
+        """Wait for the completion event of request ``request_id`` and return its body.
+
+        Events of other requests that arrive meanwhile stay queued for their own waiters
+        (up to ``max_events``). ``timeout`` is in seconds (``None``: no limit); on
+        :class:`RequestTimeout` the request is still in flight and may be waited for again.
+        A ``load_done`` with an error raises :class:`LoadFailed`. Raises
+        :class:`ConnectionLost` when the connection that carried the request closed before
+        the event came (it never will), and :class:`EventLost` when the event was dropped
+        from the full queue.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        polled = False
+        while True:
+            with self._lock:
+                event = self._take_event_locked(request_id)
+                if event is not None:
+                    return self._complete(event, self._inflight.pop(request_id, None))
+                if request_id in self._dropped_ids:
+                    self._inflight.pop(request_id, None)
+                    raise EventLost(
+                        f"the completion of request {request_id} was dropped because the event "
+                        f"queue (max_events={self._events.maxlen}) was full"
+                    )
+                info = self._inflight.get(request_id)
+                if self._sock is None or (info is not None and info.generation != self._generation):
+                    self._inflight.pop(request_id, None)
+                    what = f"{info.op} " if info is not None else ""
+                    raise ConnectionLost(
+                        f"the connection to {self.socket_path} that carried {what}request {request_id} "
+                        f"closed before its completion came"
+                    )
+                if deadline is None:
+                    slice_s = _WAIT_SLICE_S
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 and polled:
+                        raise RequestTimeout(
+                            f"no completion of request {request_id} from {self.socket_path} within {timeout} s"
+                        )
+                    slice_s = max(0.0, min(remaining, _WAIT_SLICE_S))
+                self._read_some_locked(slice_s)
+                polled = True
 
     def events(self, wait: float | None = 0.0) -> list[Event]:
         """Take the queued event frames, oldest first.
@@ -174,6 +391,8 @@ class Client:
                 self._poll_locked(wait)
             taken = list(self._events)
             self._events.clear()
+            for event in taken:
+                self._inflight.pop(event.request_id, None)
             return taken
 
     # -- internals (caller holds the lock) --------------------------------------------
@@ -201,6 +420,7 @@ class Client:
             raise ServerUnavailable(self.socket_path, e.strerror or str(e)) from None
         self._sock = sock
         self._decoder = FrameDecoder()
+        self._generation += 1
         self.server_info = None
 
     def _drop_locked(self) -> None:
@@ -232,12 +452,103 @@ class Client:
         self.server_info = reply
         return reply
 
+    def _ensure_locked(self, replay: bool = True, replay_memory: bool = True) -> None:
+        """Connect and say hello when not connected, then repeat the registrations."""
+        if self._sock is not None:
+            return
+        self._open_locked()
+        self._hello_locked()
+        if replay:
+            self._replay_locked(replay_memory)
+
+    def _replay_locked(self, memory: bool = True) -> None:
+        if self._registration is None:
+            return
+        self._register_instance_locked(*self._registration)
+        if memory and self._memory is not None:
+            self._register_memory_locked(*self._memory)
+
+    def _register_instance_locked(self, instance: str, namespace: Namespace) -> dict[str, Any]:
+        return self._roundtrip_locked(
+            {"op": "register_instance", "instance": instance, "namespace": namespace.to_wire()}
+        )
+
+    def _register_memory_locked(self, rank: int, layers: list[LayerMemory], device: str) -> dict[str, Any]:
+        if device == "cpu":
+            pid = self.server_pid
+            if pid is not None:
+                self.access_granted = grant_access(pid)
+        return self._roundtrip_locked(
+            {"op": "register_memory", "rank": rank, "device": device, "layers": layers_to_wire(layers)}
+        )
+
+    def _submit(self, op: str, blocks: int, body: dict[str, Any]) -> int:
+        """Send a save or load and note it as in flight; returns its request id."""
+        with self._lock:
+            self._ensure_locked()
+            request_id, reply = self._exchange_locked(body)
+            self._inflight[request_id] = _Inflight(op, blocks, self._generation)
+            while len(self._inflight) > _MAX_INFLIGHT:
+                self._inflight.popitem(last=False)
+            return request_id
+
+    def _submit_and_wait(
+        self, op: str, blocks: int, body: dict[str, Any], wait: bool, timeout: float | None
+    ) -> Any:
+        request_id = self._submit(op, blocks, body)
+        if not wait:
+            return request_id
+        return self.wait_event(request_id, timeout)
+
+    def _take_event_locked(self, request_id: int) -> Event | None:
+        for i, event in enumerate(self._events):
+            if event.request_id == request_id:
+                del self._events[i]
+                return event
+        return None
+
+    @staticmethod
+    def _complete(event: Event, info: _Inflight | None) -> dict[str, Any]:
+        body = event.body
+        if body.get("op") == EVENT_LOAD_DONE:
+            error = body.get("error")
+            loaded = body.get("loaded")
+            requested = info.blocks if info is not None and info.op == "load" else None
+            if error is None and requested is not None and loaded != requested:
+                error = f"the server reports {loaded} blocks loaded, not the {requested} asked for"
+            if error is not None:
+                count = loaded if isinstance(loaded, int) else 0
+                raise LoadFailed(event.request_id, str(error), count, requested, body)
+        return body
+
+    def _read_some_locked(self, wait: float) -> None:
+        """Wait up to ``wait`` seconds for bytes from the server and decode them."""
+        assert self._sock is not None
+        ready, _, _ = select.select([self._sock], [], [], wait)
+        if not ready:
+            return
+        try:
+            data = self._sock.recv(_RECV_BYTES)
+        except OSError as e:
+            self._drop_locked()
+            raise ConnectionLost(f"lost the connection to {self.socket_path}: {e}") from None
+        if not data:
+            self._drop_locked()
+            raise ConnectionLost(f"the kvloft server at {self.socket_path} closed the connection")
+        for frame in self._decode_locked(data, None):
+            if frame.request_id == 0 and frame.kind is FrameKind.ERROR:
+                raise self._server_error(frame)
+
     def _take_id(self) -> int:
         request_id = self._next_id
         self._next_id = 1 if request_id >= MAX_REQUEST_ID else request_id + 1
         return request_id
 
     def _roundtrip_locked(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._exchange_locked(body)[1]
+
+    def _exchange_locked(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Send one request and return its id and reply body."""
         assert self._sock is not None
         request_id = self._take_id()
         data = encode_frame(FrameKind.REQUEST, request_id, body)
@@ -265,7 +576,7 @@ class Client:
                         raise ProtocolError(
                             f"request {request_id} ({body['op']!r}) got a reply for {reply.get('op')!r}"
                         )
-                    return reply
+                    return request_id, reply
 
     def _read_frames_locked(self, request_id: int, waiting_for: str) -> list[Frame]:
         """Read once from the socket and return the reply/error frames; queue events."""
@@ -313,6 +624,7 @@ class Client:
             if frame.kind is FrameKind.EVENT:
                 if len(self._events) == self._events.maxlen:
                     self.events_dropped += 1
+                    self._dropped_ids.append(self._events[0].request_id if self._events else frame.request_id)
                 self._events.append(Event(frame.request_id, frame.message()))
             elif frame.kind in (FrameKind.REPLY, FrameKind.ERROR):
                 out.append(frame)
@@ -348,3 +660,10 @@ class Client:
     def _server_error(frame: Frame) -> ServerError:
         body = frame.message()
         return ServerError(str(body.get("code", "unknown")), str(body.get("message", "")), frame.request_id)
+
+
+def _int_field(reply: dict[str, Any], name: str, default: int | None = None) -> int:
+    value = reply.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"the {reply.get('op')!r} reply has no integer {name!r}: {reply!r}")
+    return value

@@ -7,6 +7,8 @@ Every exception the package raises on purpose derives from :class:`KvloftError`:
     ├── ConnectionLost      the server closed or reset the connection
     ├── RequestTimeout      no reply within the client's timeout (also a TimeoutError)
     ├── ServerError         the server answered with an error frame (.code, .message)
+    ├── LoadFailed          a load completed with an error: recompute those blocks
+    ├── EventLost           a completion was dropped from the full event queue
     └── ProtocolError       the bytes from the server are not valid protocol v1
         ├── ProtocolMismatch    client and server speak different protocol versions
         ├── BadBody             a body is not a MessagePack map
@@ -94,3 +96,36 @@ class ProtocolMismatch(ProtocolError):
 
 class BadBody(ProtocolError):
     """A frame body is not a MessagePack map."""
+
+
+class LoadFailed(KvloftError):
+    """A ``load`` finished with an error (its ``load_done`` event carries ``error``).
+
+    None of the destination blocks may be used: the caller must recompute them. The lease
+    is spent or released by the server; look up again to retry.
+
+    Attributes:
+        request_id: id of the ``load`` request.
+        error: the server's reason.
+        loaded: blocks the server reports as copied (still not usable).
+        requested: destination blocks the load named, when known.
+        body: the whole ``load_done`` event body.
+    """
+
+    def __init__(self, request_id: int, error: str, loaded: int, requested: int | None, body: dict) -> None:
+        self.request_id = request_id
+        self.error = error
+        self.loaded = loaded
+        self.requested = requested
+        self.body = body
+        of = f" of {requested}" if requested is not None else ""
+        super().__init__(
+            f"load {request_id} failed after {loaded}{of} blocks: {error}; "
+            f"recompute these blocks (do not use their contents)"
+        )
+
+
+class EventLost(KvloftError):
+    """The completion event of a request was dropped because the client's event queue
+    (``max_events``) was full. Treat a lost ``load`` as failed; raise ``max_events`` or
+    collect completions sooner."""

@@ -44,6 +44,19 @@ HEADER_BYTES = 12
 MAX_FRAME_BYTES = 16 << 20
 #: Largest request id (ids are u64 on the wire).
 MAX_REQUEST_ID = (1 << 64) - 1
+#: Most blocks (or hashes) one ``lookup``, ``save`` or ``load`` may carry; split larger
+#: batches.
+MAX_BATCH_BLOCKS = 65_536
+#: Most layers one ``register_memory`` may describe.
+MAX_LAYERS = 4_096
+#: Longest block hash, in bytes (vLLM's SHA-256 block hashes are 32). Hashes are at least 1
+#: byte long and travel as MessagePack ``bin``.
+MAX_HASH_BYTES = 32
+#: Every operation name protocol v1 defines, as on the wire (``Request::OPS``).
+OPS = ("hello", "register_instance", "register_memory", "lookup", "save", "load", "release", "stats")
+#: Event bodies' ``"op"``: completion of a ``save`` and of a ``load``.
+EVENT_SAVE_DONE = "save_done"
+EVENT_LOAD_DONE = "load_done"
 
 # Length prefix, then the header: magic, version, kind, request id.
 _PREFIX = struct.Struct("<I")
@@ -81,6 +94,27 @@ class ErrorCode(str, enum.Enum):
     UNKNOWN_OP = "unknown_op"
     #: A request came before ``hello``.
     HELLO_REQUIRED = "hello_required"
+    #: The request needs ``register_instance`` first on this connection.
+    NOT_REGISTERED = "not_registered"
+    #: The request needs ``register_memory`` first on this connection (only workers save
+    #: and load).
+    NO_MEMORY = "no_memory"
+    #: The connection already registered; open another connection for another instance or
+    #: rank.
+    ALREADY_REGISTERED = "already_registered"
+    #: Registrations of one instance disagree (namespace, slice size, rank out of range).
+    MISMATCH = "mismatch"
+    #: An engine block id is outside the registered memory.
+    BLOCK_OUT_OF_RANGE = "block_out_of_range"
+    #: The lease does not exist: it expired, was released or fully loaded. Look up again.
+    UNKNOWN_LEASE = "unknown_lease"
+    #: The lease belongs to another instance.
+    LEASE_NOT_OWNED = "lease_not_owned"
+    #: A batch, hash or table exceeds its bound; the message names the limit.
+    TOO_LARGE = "too_large"
+    #: The server could not read or write the client's memory (host backend: grant access
+    #: with PR_SET_PTRACER, see :func:`kvloft.host.grant_access`, or run as the same user).
+    MEMORY_ACCESS = "memory_access"
     #: The server is shutting down; reconnect later.
     SHUTTING_DOWN = "shutting_down"
     #: The server failed internally.

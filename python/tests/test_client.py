@@ -4,104 +4,18 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
+from support import FakeServer, Peer
 
 import kvloft
 from kvloft.__main__ import format_bytes, format_cpus, render_stats
 from kvloft.config import DEFAULT_SOCKET_PATH, default_socket_path
-from kvloft.protocol import BadMagic, FrameDecoder, FrameKind, encode_frame
-
-
-class Peer:
-    """The server side of one accepted connection."""
-
-    def __init__(self, conn: socket.socket) -> None:
-        self.conn = conn
-        self.decoder = FrameDecoder()
-        self.pending: list[Any] = []
-
-    def recv(self) -> tuple[int, dict[str, Any]]:
-        """Return (request id, body) of the next request."""
-        while not self.pending:
-            data = self.conn.recv(65536)
-            if not data:
-                raise EOFError
-            self.pending.extend(self.decoder.feed(data))
-        frame = self.pending.pop(0)
-        assert frame.kind is FrameKind.REQUEST
-        return frame.request_id, frame.message()
-
-    def send(self, kind: FrameKind, request_id: int, body: dict[str, Any]) -> None:
-        self.conn.sendall(encode_frame(kind, request_id, body))
-
-    def hello(self, protocol: int = 1) -> None:
-        """Answer the client's hello."""
-        rid, body = self.recv()
-        assert body["op"] == "hello" and body["protocol"] == 1 and body["pid"] == os.getpid()
-        self.send(FrameKind.REPLY, rid, {"op": "hello", "protocol": protocol, "server_version": "0.0.0", "shards": 2})
-
-
-Script = Callable[[Peer], None]
-
-
-class FakeServer:
-    """Listens on a Unix socket and runs one script per accepted connection, in order."""
-
-    def __init__(self, path: str, scripts: list[Script]) -> None:
-        self.path = path
-        self.scripts = scripts
-        self.errors: list[BaseException] = []
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        for script in self.scripts:
-            conn, _ = self.sock.accept()
-            with conn:
-                try:
-                    script(Peer(conn))
-                except EOFError:
-                    pass
-                except BaseException as e:  # reported by the fixture
-                    self.errors.append(e)
-
-    def join(self) -> None:
-        self.thread.join(timeout=5)
-        self.sock.close()
-        assert not self.thread.is_alive(), "fake server script did not finish"
-        if self.errors:
-            raise self.errors[0]
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[str]:
-    """A short temporary directory (Unix socket paths are limited to about 107 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="kvl-") as d:
-        yield d
-
-
-@pytest.fixture
-def fake(sock_dir: str) -> Iterator[Callable[..., FakeServer]]:
-    servers: list[FakeServer] = []
-
-    def start(*scripts: Script) -> FakeServer:
-        server = FakeServer(os.path.join(sock_dir, "fake.sock"), list(scripts))
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.join()
+from kvloft.protocol import BadMagic, FrameKind
 
 
 def test_default_socket_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -346,15 +260,18 @@ def test_render_stats() -> None:
                 {"id": 0, "cpu": 0, "numa_node": 0, "gpu": None, "nic": None, "ssd": None,
                  "pool_bytes": 32 << 20, "thread_id": 100, "allowed_cpus": [0], "connections": 1, "requests": 7},
                 {"id": 1, "cpu": 1, "numa_node": 0, "gpu": 0, "nic": "mlx5_0", "ssd": "/nvme",
-                 "pool_bytes": 32 << 20, "thread_id": 101, "allowed_cpus": [1], "connections": 0, "requests": 0},
+                 "pool_bytes": 32 << 20, "thread_id": 101, "allowed_cpus": [1], "connections": 0, "requests": 0,
+                 "slices": 3, "used_bytes": 3 << 14, "hits": 5, "misses": 1, "saves": 3, "loads": 2,
+                 "evictions": 0, "leases": 1},
             ],
         }
     )
     lines = table.splitlines()
     assert "pid 42" in lines[0] and "64 MiB" in lines[2]
     assert lines[4].split()[:3] == ["shard", "cpu", "numa"]
-    assert lines[5].split() == ["0", "0", "0", "-", "-", "-", "32", "MiB", "0", "100", "1", "7"]
+    assert lines[5].split() == ["0", "0", "0", "-", "-", "-", "32", "MiB", "0", "100", "1", "7"] + ["-"] * 8
     assert "mlx5_0" in lines[6]
+    assert lines[6].split()[-9:] == ["3", "48", "KiB", "5", "1", "3", "2", "0", "1"]
 
 
 def test_cli_reports_missing_server(sock_dir: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""Integration tests against a real ``kvloft serve`` process.
+"""Integration tests against a real ``kvloft serve`` process (fixtures in conftest.py).
 
 The binary is ``$KVLOFT_BIN`` when set (a relative path is taken from the repository root),
 else ``$CARGO_TARGET_DIR/debug/kvloft``, else ``<repo>/target/debug/kvloft``. Build it first
@@ -10,134 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import socket
 import struct
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support import POOL_BYTES, RunningServer, run_python_cli
 
 import kvloft
 from kvloft.protocol import FrameDecoder, FrameKind
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PYTHON_DIR = REPO_ROOT / "python"
-START_TIMEOUT_S = 20.0
-STOP_TIMEOUT_S = 10.0
-POOL_SIZE = "64MiB"
-POOL_BYTES = 64 << 20
-
-
-def server_binary() -> Path:
-    """Where the ``kvloft`` binary under test is."""
-    if os.environ.get("KVLOFT_BIN"):
-        path = Path(os.environ["KVLOFT_BIN"])
-        return path if path.is_absolute() else REPO_ROOT / path
-    if os.environ.get("CARGO_TARGET_DIR"):
-        target = Path(os.environ["CARGO_TARGET_DIR"])
-        return (target if target.is_absolute() else REPO_ROOT / target) / "debug" / "kvloft"
-    return REPO_ROOT / "target" / "debug" / "kvloft"
-
-
-@dataclass
-class RunningServer:
-    """A ``kvloft serve`` process started for one test."""
-
-    process: subprocess.Popen[bytes]
-    socket_path: str
-    log_path: Path
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The last lines of the server's combined stdout and stderr."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no server output)"
-        return "\n".join(text.splitlines()[-lines:]) or "(no server output)"
-
-
-def _fail(message: str, server: RunningServer) -> None:
-    pytest.fail(f"{message}\n--- server output (last lines) ---\n{server.log_tail()}", pytrace=False)
-
-
-@pytest.fixture
-def server_process() -> Iterator[RunningServer]:
-    """Start ``kvloft serve`` on a fresh socket, wait until it answers hello, stop it after.
-
-    Teardown sends SIGTERM and requires exit code 0 within 10 s and the socket file removed.
-    """
-    binary = server_binary()
-    if not binary.is_file() or not os.access(binary, os.X_OK):
-        pytest.fail(
-            f"kvloft server binary not found at {binary}: build it first with `cargo build` in "
-            f"{REPO_ROOT}, or set KVLOFT_BIN to the binary to test",
-            pytrace=False,
-        )
-    # A short directory: Unix socket paths are limited to about 107 bytes.
-    workdir = Path(tempfile.mkdtemp(prefix="kvl-"))
-    socket_path = str(workdir / "kvloft.sock")
-    log_path = workdir / "server.log"
-    cmd = [str(binary), "serve", "--socket", socket_path, "--metrics-addr", "off", "--pool-size", POOL_SIZE]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    server = RunningServer(process, socket_path, log_path)
-    try:
-        _wait_ready(server, cmd)
-        yield server
-        _stop(server)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _wait_ready(server: RunningServer, cmd: list[str]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        code = server.process.poll()
-        if code is not None:
-            _fail(f"`{' '.join(cmd)}` exited with code {code} before serving", server)
-        if os.path.exists(server.socket_path):
-            try:
-                with kvloft.Client(server.socket_path, timeout=2.0, client_name="pytest-probe"):
-                    return
-            except kvloft.KvloftError as e:
-                last_error = e
-        time.sleep(0.05)
-    _fail(
-        f"`{' '.join(cmd)}` did not answer hello on {server.socket_path} within {START_TIMEOUT_S:.0f} s "
-        f"(last error: {last_error})",
-        server,
-    )
-
-
-def _stop(server: RunningServer) -> None:
-    if server.process.poll() is not None:
-        _fail(f"the server exited on its own during the test, with code {server.process.returncode}", server)
-    server.process.send_signal(signal.SIGTERM)
-    try:
-        code = server.process.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        _fail(f"the server did not exit within {STOP_TIMEOUT_S:.0f} s of SIGTERM", server)
-    if code != 0:
-        _fail(f"the server exited with code {code} after SIGTERM, expected 0", server)
-    if os.path.exists(server.socket_path):
-        _fail(f"the server left its socket file {server.socket_path} behind after SIGTERM", server)
-
-
-@pytest.fixture
-def server(server_process: RunningServer) -> str:
-    """The socket path of a running server."""
-    return server_process.socket_path
+pytestmark = pytest.mark.server
 
 
 def _cpu_list(text: str) -> list[int]:
@@ -251,16 +134,8 @@ def test_bad_magic_closes_only_that_connection(server: str) -> None:
         assert fresh.stats()["shards"]
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PYTHON_DIR), env.get("PYTHONPATH")]))
-    return subprocess.run(
-        [sys.executable, "-m", "kvloft", *args], capture_output=True, text=True, env=env, timeout=30
-    )
-
-
 def test_python_cli_stats_json(server: str, server_process: RunningServer) -> None:
-    result = _run_cli("stats", "--socket", server, "--json")
+    result = run_python_cli("stats", "--socket", server, "--json")
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)
     assert stats["pid"] == server_process.process.pid
@@ -268,6 +143,6 @@ def test_python_cli_stats_json(server: str, server_process: RunningServer) -> No
 
 
 def test_python_cli_stats_table(server: str) -> None:
-    result = _run_cli("stats", "--socket", server)
+    result = run_python_cli("stats", "--socket", server)
     assert result.returncode == 0, result.stderr
     assert "shard" in result.stdout and server in result.stdout

@@ -1,9 +1,11 @@
 //! A blocking client of protocol v1, for the CLI, tests and benchmarks.
 
 use kvloft_engine::protocol::{
-    self, ErrorCode, ErrorReply, FrameError, FrameKind, Hello, HelloReply, Reply, Request, StatsReply, StatsRequest,
-    PROTOCOL_VERSION,
+    self, BlockHashBytes, ErrorCode, ErrorReply, Event, FrameError, FrameKind, Hello, HelloReply, LayerMemory, Load,
+    LoadDone, Lookup, LookupReply, NamespaceSpec, RegisterInstance, RegisterInstanceReply, RegisterMemory, Release,
+    Reply, Request, Save, SaveBlock, SaveDone, StatsReply, StatsRequest, PROTOCOL_VERSION,
 };
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -43,12 +45,16 @@ pub enum ClientError {
     UnexpectedReply(&'static str),
 }
 
+/// Completions kept for later `wait_event` calls while waiting for another one.
+const MAX_PENDING_EVENTS: usize = 1024;
+
 /// A connected, greeted client.
 #[derive(Debug)]
 pub struct Client {
     stream: UnixStream,
     next_id: u64,
     buf: Vec<u8>,
+    events: VecDeque<(u64, Event)>,
     /// What the server said in `hello`.
     pub server: HelloReply,
 }
@@ -64,6 +70,7 @@ impl Client {
             stream,
             next_id: 1,
             buf: Vec::new(),
+            events: VecDeque::new(),
             server: HelloReply { protocol: 0, server_version: String::new(), shards: 0, pid: 0 },
         };
         let hello =
@@ -83,25 +90,132 @@ impl Client {
         }
     }
 
-    /// Sends `request` and waits for its reply (events for other requests are not expected yet).
+    /// Joins `instance` with its namespace.
+    pub fn register_instance(
+        &mut self,
+        instance: &str,
+        namespace: NamespaceSpec,
+    ) -> Result<RegisterInstanceReply, ClientError> {
+        match self.call(&Request::RegisterInstance(RegisterInstance { instance: instance.into(), namespace }))? {
+            Reply::RegisterInstance(r) => Ok(r),
+            _ => Err(ClientError::UnexpectedReply("register_instance")),
+        }
+    }
+
+    /// Registers this process's KV memory for `rank` (host backend); returns the slice size.
+    pub fn register_memory(&mut self, rank: u32, layers: Vec<LayerMemory>) -> Result<u64, ClientError> {
+        match self.call(&Request::RegisterMemory(RegisterMemory { rank, device: "cpu".into(), layers }))? {
+            Reply::RegisterMemory(r) => Ok(r.slice_bytes),
+            _ => Err(ClientError::UnexpectedReply("register_memory")),
+        }
+    }
+
+    /// Leading hits among `hashes` and the lease pinning them.
+    pub fn lookup(&mut self, hashes: &[Vec<u8>]) -> Result<LookupReply, ClientError> {
+        let hashes = hashes.iter().map(|h| BlockHashBytes::from(h.clone())).collect();
+        match self.call(&Request::Lookup(Lookup { hashes }))? {
+            Reply::Lookup(r) => Ok(r),
+            _ => Err(ClientError::UnexpectedReply("lookup")),
+        }
+    }
+
+    /// Saves `(hash, engine block id)` pairs and waits for the completion.
+    pub fn save(&mut self, blocks: &[(Vec<u8>, u32)]) -> Result<SaveDone, ClientError> {
+        let blocks =
+            blocks.iter().map(|(h, id)| SaveBlock { hash: BlockHashBytes::from(h.clone()), block_id: *id }).collect();
+        let id = self.send(&Request::Save(Save { blocks }))?;
+        self.expect_queued(id, "save")?;
+        match self.wait_event(id)? {
+            Event::SaveDone(d) => Ok(d),
+            _ => Err(ClientError::UnexpectedReply("save")),
+        }
+    }
+
+    /// Loads the lease's first `block_ids.len()` hits into these engine blocks and waits.
+    pub fn load(&mut self, lease: u64, block_ids: &[u32]) -> Result<LoadDone, ClientError> {
+        let id = self.send(&Request::Load(Load { lease, block_ids: block_ids.to_vec() }))?;
+        self.expect_queued(id, "load")?;
+        match self.wait_event(id)? {
+            Event::LoadDone(d) => Ok(d),
+            _ => Err(ClientError::UnexpectedReply("load")),
+        }
+    }
+
+    /// Gives up a lease.
+    pub fn release(&mut self, lease: u64) -> Result<(), ClientError> {
+        match self.call(&Request::Release(Release { lease }))? {
+            Reply::Release(_) => Ok(()),
+            _ => Err(ClientError::UnexpectedReply("release")),
+        }
+    }
+
+    /// Sends `request` and waits for its reply; completion events that arrive meanwhile are kept
+    /// for [`Client::wait_event`].
     pub fn call(&mut self, request: &Request) -> Result<Reply, ClientError> {
+        let id = self.send(request)?;
+        self.read_reply(id)
+    }
+
+    fn send(&mut self, request: &Request) -> Result<u64, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
         let mut out = Vec::new();
         protocol::encode(&mut out, FrameKind::Request, id, &protocol::to_body(request));
         self.stream.write_all(&out)?;
+        Ok(id)
+    }
+
+    fn expect_queued(&mut self, id: u64, op: &'static str) -> Result<(), ClientError> {
+        match self.read_reply(id)? {
+            Reply::Save(_) | Reply::Load(_) => Ok(()),
+            _ => Err(ClientError::UnexpectedReply(op)),
+        }
+    }
+
+    /// Waits for the completion event of request `id`.
+    pub fn wait_event(&mut self, id: u64) -> Result<Event, ClientError> {
+        if let Some(pos) = self.events.iter().position(|(i, _)| *i == id) {
+            if let Some((_, event)) = self.events.remove(pos) {
+                return Ok(event);
+            }
+        }
         loop {
             let frame = self.read_frame()?;
-            if frame.request_id != id {
+            match frame.kind {
+                FrameKind::Event if frame.request_id == id => {
+                    return protocol::from_body(&frame.body).map_err(|e| ClientError::Decode(e.to_string()))
+                }
+                FrameKind::Event => self.keep_event(&frame)?,
+                FrameKind::Error if frame.request_id == id || frame.request_id == 0 => {
+                    return Err(server_error(&frame.body))
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn keep_event(&mut self, frame: &protocol::Frame) -> Result<(), ClientError> {
+        let event: Event = protocol::from_body(&frame.body).map_err(|e| ClientError::Decode(e.to_string()))?;
+        if self.events.len() == MAX_PENDING_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back((frame.request_id, event));
+        Ok(())
+    }
+
+    fn read_reply(&mut self, id: u64) -> Result<Reply, ClientError> {
+        loop {
+            let frame = self.read_frame()?;
+            if frame.kind == FrameKind::Event {
+                self.keep_event(&frame)?;
+                continue;
+            }
+            if frame.request_id != id && frame.request_id != 0 {
                 continue;
             }
             return match frame.kind {
                 FrameKind::Reply => protocol::from_body(&frame.body).map_err(|e| ClientError::Decode(e.to_string())),
-                FrameKind::Error => {
-                    let e: ErrorReply =
-                        protocol::from_body(&frame.body).map_err(|e| ClientError::Decode(e.to_string()))?;
-                    Err(ClientError::Server { code: e.code, message: e.message })
-                }
+                FrameKind::Error => Err(server_error(&frame.body)),
                 _ => continue,
             };
         }
@@ -122,5 +236,12 @@ impl Client {
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }
+    }
+}
+
+fn server_error(body: &[u8]) -> ClientError {
+    match protocol::from_body::<ErrorReply>(body) {
+        Ok(e) => ClientError::Server { code: e.code, message: e.message },
+        Err(e) => ClientError::Decode(e.to_string()),
     }
 }

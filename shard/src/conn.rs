@@ -1,52 +1,110 @@
-//! One client connection: read frames, answer requests, write replies.
+//! One client connection: read frames, answer requests, write replies and events.
 //!
-//! A connection lives on one shard. Its read buffer holds at most one frame of
-//! [`MAX_FRAME_BYTES`] plus one read; an error in a frame is answered with an error frame and the
-//! connection goes on, unless the stream is out of step (bad magic or length), when the error is
-//! sent and the connection closed. Other connections are never affected.
+//! A connection lives on one shard. A reader loop decodes frames and answers them in order; a
+//! writer task owns the socket's write half and sends whatever the reader and the connection's
+//! background work (save and load completions) queue for it, through a bounded channel. The read
+//! buffer holds at most one frame of [`MAX_FRAME_BYTES`] plus one read. An error in a frame is
+//! answered with an error frame and the connection goes on, unless the stream is out of step (bad
+//! magic or length), when the error is sent and the connection closed. When the client goes away,
+//! the leases it took are released at once. Other connections are never affected.
 
+use crate::acceptor::Peer;
 use crate::shard::{MeshMsg, ShardCtx};
+use crate::store::{self, InstanceOp, LeaseOp, StoreError};
+use futures_lite::io::{ReadHalf, WriteHalf};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::UnixStream;
+use kvloft_engine::key::BlockHash;
+use kvloft_engine::limits::DEFAULT_LEASE_TTL_MS;
+use kvloft_engine::namespace::NamespaceId;
 use kvloft_engine::protocol::{
-    self, ErrorCode, ErrorReply, Frame, FrameError, FrameKind, HelloReply, Reply, Request, StatsReply, LEN_BYTES,
-    MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    self, Done, ErrorCode, ErrorReply, Event, Frame, FrameError, FrameKind, HelloReply, LoadDone, LookupReply, Queued,
+    RegisterInstanceReply, RegisterMemoryReply, Reply, Request, SaveDone, StatsReply, LEN_BYTES, MAX_BATCH_BLOCKS,
+    MAX_FRAME_BYTES, MAX_HASH_BYTES, MAX_LAYERS, PROTOCOL_VERSION,
 };
+use kvloft_gpu::host::HostMemory;
 use serde::Deserialize;
+use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK_BYTES: usize = 64 << 10;
 /// How long a `stats` request waits for another shard's figures.
 const SHARD_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Frames queued for the writer before the reader (and background work) wait.
+const OUTBOX_FRAMES: usize = 256;
+/// Leases a connection remembers for release on disconnect; older ones still expire by TTL.
+const MAX_LEASES_PER_CONNECTION: usize = 4096;
+/// Longest instance id accepted.
+const MAX_INSTANCE_BYTES: usize = 256;
 
 /// Serves `stream` on the current shard until the client hangs up.
-pub(crate) fn spawn(ctx: Rc<ShardCtx>, stream: UnixStream) {
+pub(crate) fn spawn(ctx: Rc<ShardCtx>, stream: UnixStream, peer: Peer) {
     glommio::spawn_local(async move {
         ctx.metrics.connections.inc();
-        let _ = Connection { ctx: ctx.clone(), greeted: false, out: Vec::new() }.serve(stream).await;
+        let (reader, writer) = futures_lite::io::split(stream);
+        let (out, outbox) = local_channel::new_bounded(OUTBOX_FRAMES);
+        let writer = glommio::spawn_local(write_loop(writer, outbox));
+        let conn = Rc::new(Connection { ctx: ctx.clone(), peer, state: RefCell::new(State::default()), out });
+        let _ = conn.clone().read_loop(reader).await;
+        conn.close().await;
+        drop(conn);
+        writer.await;
         ctx.metrics.connections.dec();
     })
     .detach();
 }
 
+async fn write_loop(mut writer: WriteHalf<UnixStream>, outbox: LocalReceiver<Vec<u8>>) {
+    while let Some(frame) = outbox.recv().await {
+        if writer.write_all(&frame).await.is_err() {
+            return;
+        }
+    }
+    let _ = writer.close().await;
+}
+
+/// What a connection has registered.
+#[derive(Debug, Default)]
+struct State {
+    greeted: bool,
+    instance: Option<Instance>,
+    memory: Option<(u32, Arc<HostMemory>)>,
+    leases: Vec<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Instance {
+    name: String,
+    ns: NamespaceId,
+    ranks: u32,
+}
+
 struct Connection {
     ctx: Rc<ShardCtx>,
-    greeted: bool,
-    out: Vec<u8>,
+    peer: Peer,
+    state: RefCell<State>,
+    out: LocalSender<Vec<u8>>,
 }
 
 /// An error to send back: code and text.
 struct Failure(ErrorCode, String);
 
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure(e.0, e.1)
+    }
+}
+
 impl Connection {
-    async fn serve(&mut self, mut stream: UnixStream) -> std::io::Result<()> {
+    async fn read_loop(self: Rc<Self>, mut reader: ReadHalf<UnixStream>) -> std::io::Result<()> {
         let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
         let mut chunk = vec![0u8; READ_CHUNK_BYTES];
         loop {
             let mut start = 0;
-            let mut close = false;
             while start < buf.len() {
                 match protocol::decode(&buf[start..]) {
                     Ok(None) => break,
@@ -55,9 +113,8 @@ impl Connection {
                         self.answer(&frame).await;
                     }
                     Err(e) if e.is_fatal() => {
-                        self.error(0, ErrorCode::BadFrame, format!("{e} (closing the connection)"));
-                        close = true;
-                        break;
+                        self.error(0, ErrorCode::BadFrame, format!("{e} (closing the connection)")).await;
+                        return Ok(());
                     }
                     Err(e) => {
                         // The frame is whole (decode checked) and its length is trustworthy: skip it.
@@ -67,20 +124,13 @@ impl Connection {
                             FrameError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
                             _ => ErrorCode::BadFrame,
                         };
-                        self.error(e.request_id(), code, e.to_string());
+                        self.error(e.request_id(), code, e.to_string()).await;
                     }
                 }
             }
             buf.drain(..start);
-            if !self.out.is_empty() {
-                stream.write_all(&self.out).await?;
-                self.out.clear();
-            }
-            if close {
-                return stream.close().await;
-            }
             debug_assert!(buf.len() <= LEN_BYTES + MAX_FRAME_BYTES);
-            let n = stream.read(&mut chunk).await?;
+            let n = reader.read(&mut chunk).await?;
             if n == 0 {
                 return Ok(());
             }
@@ -88,16 +138,27 @@ impl Connection {
         }
     }
 
-    async fn answer(&mut self, frame: &Frame) {
+    async fn send(&self, kind: FrameKind, id: u64, body: &[u8]) {
+        let mut frame = Vec::with_capacity(LEN_BYTES + protocol::HEADER_BYTES + body.len());
+        protocol::encode(&mut frame, kind, id, body);
+        let _ = self.out.send(frame).await;
+    }
+
+    async fn error(&self, id: u64, code: ErrorCode, message: String) {
+        self.ctx.metrics.errors.inc();
+        self.send(FrameKind::Error, id, &protocol::to_body(&ErrorReply { code, message })).await;
+    }
+
+    async fn answer(self: &Rc<Self>, frame: &Frame) {
         self.ctx.metrics.requests.inc();
         let id = frame.request_id;
         match self.reply(frame).await {
-            Ok(reply) => protocol::encode(&mut self.out, FrameKind::Reply, id, &protocol::to_body(&reply)),
-            Err(Failure(code, message)) => self.error(id, code, message),
+            Ok(reply) => self.send(FrameKind::Reply, id, &protocol::to_body(&reply)).await,
+            Err(Failure(code, message)) => self.error(id, code, message).await,
         }
     }
 
-    async fn reply(&mut self, frame: &Frame) -> Result<Reply, Failure> {
+    async fn reply(self: &Rc<Self>, frame: &Frame) -> Result<Reply, Failure> {
         if frame.kind != FrameKind::Request {
             return Err(Failure(
                 ErrorCode::BadFrame,
@@ -108,37 +169,199 @@ impl Connection {
         if self.ctx.stopping.get() {
             return Err(Failure(ErrorCode::ShuttingDown, "the server is shutting down; reconnect later".into()));
         }
-        match request {
-            Request::Hello(hello) => {
-                if hello.protocol != u32::from(PROTOCOL_VERSION) {
-                    return Err(Failure(
-                        ErrorCode::UnsupportedVersion,
-                        format!(
-                            "client speaks protocol {} but this server speaks {PROTOCOL_VERSION}; install matching kvloft versions",
-                            hello.protocol
-                        ),
-                    ));
-                }
-                self.greeted = true;
-                Ok(Reply::Hello(HelloReply {
-                    protocol: u32::from(PROTOCOL_VERSION),
-                    server_version: env!("CARGO_PKG_VERSION").into(),
-                    shards: self.ctx.shared.topology.shards.len() as u32,
-                    pid: std::process::id(),
-                }))
-            }
-            other if !self.greeted => Err(Failure(
+        if let Request::Hello(hello) = &request {
+            return self.hello(hello.protocol);
+        }
+        if !self.state.borrow().greeted {
+            return Err(Failure(
                 ErrorCode::HelloRequired,
-                format!("`{}` was sent before `hello`; send hello first on every connection", other.op()),
-            )),
+                format!("`{}` was sent before `hello`; send hello first on every connection", request.op()),
+            ));
+        }
+        match request {
             Request::Stats(_) => self.stats().await.map(Reply::Stats),
+            Request::RegisterInstance(r) => self.register_instance(r.instance, &r.namespace).await,
+            Request::RegisterMemory(r) => self.register_memory(r.rank, &r.device, r.layers),
+            Request::Lookup(r) => self.lookup(r.hashes).await,
+            Request::Save(r) => self.save(frame.request_id, r.blocks),
+            Request::Load(r) => self.load(frame.request_id, r.lease, r.block_ids).await,
+            Request::Release(r) => self.release(r.lease).await,
             other => Err(Failure(ErrorCode::UnknownOp, format!("`{}` is not served by this server", other.op()))),
+        }
+    }
+
+    fn hello(&self, version: u32) -> Result<Reply, Failure> {
+        if version != u32::from(PROTOCOL_VERSION) {
+            return Err(Failure(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "client speaks protocol {version} but this server speaks {PROTOCOL_VERSION}; install matching kvloft versions"
+                ),
+            ));
+        }
+        self.state.borrow_mut().greeted = true;
+        Ok(Reply::Hello(HelloReply {
+            protocol: u32::from(PROTOCOL_VERSION),
+            server_version: env!("CARGO_PKG_VERSION").into(),
+            shards: self.ctx.shard_count() as u32,
+            pid: std::process::id(),
+        }))
+    }
+
+    fn instance(&self) -> Result<Instance, Failure> {
+        self.state
+            .borrow()
+            .instance
+            .clone()
+            .ok_or_else(|| Failure(ErrorCode::NotRegistered, "send register_instance on this connection first".into()))
+    }
+
+    fn memory(&self) -> Result<(u32, Arc<HostMemory>), Failure> {
+        self.state.borrow().memory.clone().ok_or_else(|| {
+            Failure(ErrorCode::NoMemory, "only a worker that sent register_memory can save and load".into())
+        })
+    }
+
+    async fn register_instance(&self, name: String, spec: &protocol::NamespaceSpec) -> Result<Reply, Failure> {
+        if self.state.borrow().instance.is_some() {
+            return Err(Failure(ErrorCode::AlreadyRegistered, "this connection already registered an instance".into()));
+        }
+        if name.is_empty() || name.len() > MAX_INSTANCE_BYTES {
+            return Err(Failure(
+                ErrorCode::BadRequest,
+                format!("instance id must be 1 to {MAX_INSTANCE_BYTES} bytes, got {}", name.len()),
+            ));
+        }
+        let ns = NamespaceId::of(spec).map_err(|e| Failure(ErrorCode::BadRequest, e.to_string()))?;
+        let ranks = spec.tp_size * spec.pp_size;
+        let home = self.ctx.instance_home(&name);
+        let join = name.clone();
+        self.ctx.ask(home, |reply| MeshMsg::Instance(InstanceOp::Join { name: join, ns, reply })).await??;
+        self.state.borrow_mut().instance = Some(Instance { name, ns, ranks });
+        Ok(Reply::RegisterInstance(RegisterInstanceReply { namespace_id: ns.to_hex(), slices_per_block: ranks }))
+    }
+
+    fn register_memory(&self, rank: u32, device: &str, layers: Vec<protocol::LayerMemory>) -> Result<Reply, Failure> {
+        let instance = self.instance()?;
+        if self.state.borrow().memory.is_some() {
+            return Err(Failure(ErrorCode::AlreadyRegistered, "this connection already registered its memory".into()));
+        }
+        if rank >= instance.ranks {
+            return Err(Failure(
+                ErrorCode::Mismatch,
+                format!("rank {rank} is outside the instance's {} ranks (tp_size * pp_size)", instance.ranks),
+            ));
+        }
+        if device != "cpu" {
+            return Err(Failure(
+                ErrorCode::BadRequest,
+                format!("device {device:?} needs the CUDA backend, which this release does not have; register \"cpu\" memory"),
+            ));
+        }
+        if layers.is_empty() || layers.len() > MAX_LAYERS {
+            return Err(Failure(
+                ErrorCode::TooLarge,
+                format!("1 to {MAX_LAYERS} layers per registration, got {}", layers.len()),
+            ));
+        }
+        let mem = HostMemory::new(self.peer.pid, layers).map_err(|e| Failure(ErrorCode::BadRequest, e.to_string()))?;
+        let slice_bytes = mem.slice_bytes();
+        let smallest_shard = (0..self.ctx.shard_count()).map(|s| self.ctx.shared.topology.shard_pool_bytes(s)).min();
+        if smallest_shard.is_some_and(|b| slice_bytes > b) {
+            return Err(Failure(
+                ErrorCode::TooLarge,
+                format!("a slice of {slice_bytes} bytes does not fit a shard's pool; raise the pool size"),
+            ));
+        }
+        self.state.borrow_mut().memory = Some((rank, Arc::new(mem)));
+        Ok(Reply::RegisterMemory(RegisterMemoryReply { slice_bytes }))
+    }
+
+    async fn lookup(&self, hashes: Vec<protocol::BlockHashBytes>) -> Result<Reply, Failure> {
+        let instance = self.instance()?;
+        let hashes = block_hashes(hashes)?;
+        let (hits, lease) =
+            store::lookup(&self.ctx, &instance.name, instance.ns, instance.ranks, hashes, DEFAULT_LEASE_TTL_MS).await?;
+        if lease != 0 {
+            let mut state = self.state.borrow_mut();
+            if state.leases.len() >= MAX_LEASES_PER_CONNECTION {
+                state.leases.remove(0);
+            }
+            state.leases.push(lease);
+        }
+        Ok(Reply::Lookup(LookupReply { hits, lease, lease_ttl_s: (DEFAULT_LEASE_TTL_MS / 1000) as u32 }))
+    }
+
+    fn save(self: &Rc<Self>, request_id: u64, blocks: Vec<protocol::SaveBlock>) -> Result<Reply, Failure> {
+        let instance = self.instance()?;
+        let (rank, mem) = self.memory()?;
+        if blocks.len() > MAX_BATCH_BLOCKS {
+            return Err(too_many(blocks.len()));
+        }
+        let mut items = Vec::with_capacity(blocks.len());
+        for (i, b) in blocks.into_iter().enumerate() {
+            mem.check_block(b.block_id).map_err(|e| Failure(ErrorCode::BlockOutOfRange, format!("block {i}: {e}")))?;
+            items.push((block_hash(i, &b.hash)?, b.block_id));
+        }
+        let count = items.len() as u32;
+        let conn = self.clone();
+        glommio::spawn_local(async move {
+            let s = store::save(&conn.ctx, mem, instance.ns, rank, items).await;
+            let done =
+                Event::SaveDone(SaveDone { saved: s.saved, present: s.present, failed: s.failed, error: s.error });
+            conn.send(FrameKind::Event, request_id, &protocol::to_body(&done)).await;
+        })
+        .detach();
+        Ok(Reply::Save(Queued { blocks: count }))
+    }
+
+    async fn load(self: &Rc<Self>, request_id: u64, lease: u64, block_ids: Vec<u32>) -> Result<Reply, Failure> {
+        let instance = self.instance()?;
+        let (rank, mem) = self.memory()?;
+        if block_ids.len() > MAX_BATCH_BLOCKS {
+            return Err(too_many(block_ids.len()));
+        }
+        for (i, id) in block_ids.iter().enumerate() {
+            mem.check_block(*id).map_err(|e| Failure(ErrorCode::BlockOutOfRange, format!("block {i}: {e}")))?;
+        }
+        let plan = store::load_prepare(&self.ctx, &instance.name, rank, lease, block_ids.len()).await?;
+        let count = block_ids.len() as u32;
+        let conn = self.clone();
+        glommio::spawn_local(async move {
+            let l = store::load_copy(&conn.ctx, mem, plan, block_ids).await;
+            let done = Event::LoadDone(LoadDone { loaded: l.loaded, error: l.error });
+            conn.send(FrameKind::Event, request_id, &protocol::to_body(&done)).await;
+        })
+        .detach();
+        Ok(Reply::Load(Queued { blocks: count }))
+    }
+
+    async fn release(&self, lease: u64) -> Result<Reply, Failure> {
+        let instance = self.instance()?;
+        store::release(&self.ctx, &instance.name, lease).await?;
+        self.state.borrow_mut().leases.retain(|l| *l != lease);
+        Ok(Reply::Release(Done {}))
+    }
+
+    /// Releases every lease this connection took (their home is this shard) and leaves its
+    /// instance.
+    async fn close(&self) {
+        let (leases, instance) = {
+            let mut state = self.state.borrow_mut();
+            (std::mem::take(&mut state.leases), state.instance.take())
+        };
+        for id in leases {
+            self.ctx.lease_op(LeaseOp::Release { id, instance: None, reply: None });
+        }
+        if let Some(instance) = instance {
+            let home = self.ctx.instance_home(&instance.name);
+            self.ctx.tell(home, MeshMsg::Instance(InstanceOp::Leave { name: instance.name })).await;
         }
     }
 
     async fn stats(&self) -> Result<StatsReply, Failure> {
         let ctx = &self.ctx;
-        let n = ctx.shared.topology.shards.len();
+        let n = ctx.shard_count();
         let mut pending = Vec::with_capacity(n);
         for peer in (0..n).filter(|&p| p != ctx.id) {
             let (tx, rx) = flume::bounded(1);
@@ -166,16 +389,26 @@ impl Connection {
             pid: std::process::id(),
             uptime_s: ctx.shared.started.elapsed().as_secs_f64(),
             socket: topology.server.socket.display().to_string(),
-            pool_bytes: topology.pool_bytes(),
+            pool_bytes: shards.iter().map(|s| s.pool_bytes).sum(),
             shards,
         })
     }
+}
 
-    fn error(&mut self, request_id: u64, code: ErrorCode, message: String) {
-        self.ctx.metrics.errors.inc();
-        let body = protocol::to_body(&ErrorReply { code, message });
-        protocol::encode(&mut self.out, FrameKind::Error, request_id, &body);
+fn too_many(n: usize) -> Failure {
+    Failure(ErrorCode::TooLarge, format!("{n} blocks in one request; the limit is {MAX_BATCH_BLOCKS}: split the batch"))
+}
+
+fn block_hash(i: usize, bytes: &[u8]) -> Result<BlockHash, Failure> {
+    let code = if bytes.len() > MAX_HASH_BYTES { ErrorCode::TooLarge } else { ErrorCode::BadRequest };
+    BlockHash::try_from(bytes).map_err(|e| Failure(code, format!("hash {i}: {e}")))
+}
+
+fn block_hashes(hashes: Vec<protocol::BlockHashBytes>) -> Result<Vec<BlockHash>, Failure> {
+    if hashes.len() > MAX_BATCH_BLOCKS {
+        return Err(too_many(hashes.len()));
     }
+    hashes.iter().enumerate().map(|(i, h)| block_hash(i, h)).collect()
 }
 
 /// Decodes a request body, telling an unknown operation from a malformed known one.
@@ -186,9 +419,10 @@ fn parse_request(body: &[u8]) -> Result<Request, Failure> {
             op: String,
         }
         match protocol::from_body::<OpOnly>(body) {
-            Ok(OpOnly { op }) if !["hello", "stats"].contains(&op.as_str()) => {
-                Failure(ErrorCode::UnknownOp, format!("unknown operation {op:?}; this server knows hello, stats"))
-            }
+            Ok(OpOnly { op }) if !Request::OPS.contains(&op.as_str()) => Failure(
+                ErrorCode::UnknownOp,
+                format!("unknown operation {op:?}; this server knows {}", Request::OPS.join(", ")),
+            ),
             Ok(OpOnly { op }) => Failure(ErrorCode::BadRequest, format!("malformed `{op}` request: {e}")),
             Err(_) => {
                 Failure(ErrorCode::BadRequest, format!("the body is not a MessagePack map with an \"op\" key: {e}"))

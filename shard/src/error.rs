@@ -38,6 +38,14 @@ pub enum ServeError {
         /// What failed (a memlock limit shows up here: raise `ulimit -l`).
         message: String,
     },
+    /// A shard's pool arena could not be allocated, pre-touched or locked.
+    #[error("cannot allocate the pool of shard {shard}: {message}")]
+    Pool {
+        /// Shard id.
+        shard: usize,
+        /// What failed and how to fix it.
+        message: String,
+    },
     /// A shard did not report ready in time.
     #[error("shard {0} did not become ready within {1:?}; the machine may be overloaded")]
     StartTimeout(usize, std::time::Duration),

@@ -3,14 +3,16 @@
 //!
 //! [`Server::start`] turns a validated [`kvloft_topology::Topology`] into running shards: one
 //! executor thread per `[[shard]]`, pinned to its CPU, joined in a full mesh of bounded channels.
-//! Shard 0 accepts client connections and hands each to a shard in turn; the connection's shard
-//! answers its requests, asking the other shards over the mesh when it needs their figures.
+//! Each shard owns a slice of the pinned pool, the index of the block slices hashed to it and the
+//! leases its connections created. An accept thread hands each client connection to a shard in
+//! turn; the connection's shard answers its requests, asking the owner shards over the mesh.
 //! [`signals::block`] and [`signals::install`] turn SIGINT/SIGTERM into a clean shutdown: every shard stops, the threads
 //! are joined and the socket file is removed.
 //!
 //! [`route`] holds the pure block-to-shard mapping; [`client`] is a blocking Rust client of the
 //! protocol, for the CLI, tests and benchmarks.
 
+mod acceptor;
 pub mod client;
 mod conn;
 mod error;
@@ -20,6 +22,7 @@ pub mod route;
 mod server;
 mod shard;
 pub mod signals;
+mod store;
 
 pub use error::ServeError;
 pub use mesh::MESH_CHANNEL_CAPACITY;

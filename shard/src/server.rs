@@ -1,15 +1,18 @@
 //! Starting, stopping and joining the shards.
 
+use crate::acceptor::{self, PENDING_CONNECTIONS_PER_SHARD};
 use crate::error::ServeError;
 use crate::mesh;
 use crate::metrics::Metrics;
-use crate::shard::{self, MeshMsg};
+use crate::shard::{self, MeshMsg, ShardStart};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use kvloft_topology::Topology;
 use std::io::ErrorKind;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How long a shard may take to start, join the mesh and (shard 0) bind its sockets.
@@ -27,11 +30,18 @@ pub(crate) struct Shared {
 #[derive(Debug, Clone)]
 pub struct ShutdownHandle {
     shards: Vec<flume::Sender<()>>,
+    acceptor_stop: Arc<AtomicBool>,
+    socket: PathBuf,
 }
 
 impl ShutdownHandle {
-    /// Asks every shard to stop; returns at once. Calling it again does nothing more.
+    /// Stops accepting connections, then asks every shard to stop; returns at once. Calling it
+    /// again does nothing more.
     pub fn shutdown(&self) {
+        if !self.acceptor_stop.swap(true, Ordering::AcqRel) {
+            // Wake the accept thread, blocked in accept(), so that it sees the flag.
+            let _ = std::os::unix::net::UnixStream::connect(&self.socket);
+        }
         for s in &self.shards {
             let _ = s.try_send(());
         }
@@ -44,6 +54,7 @@ pub struct Server {
     executors: Vec<(usize, ExecutorJoinHandle<()>)>,
     shutdown: ShutdownHandle,
     socket: PathBuf,
+    acceptor: Option<JoinHandle<()>>,
 }
 
 impl Server {
@@ -58,18 +69,23 @@ impl Server {
         let metrics = Arc::new(Metrics::new(&placement, env!("CARGO_PKG_VERSION"), started));
         let shared = Arc::new(Shared { topology, started, metrics });
 
+        let listener = std::os::unix::net::UnixListener::bind(&socket)
+            .map_err(|cause| ServeError::Socket { path: socket.clone(), cause })?;
         let (ready_tx, ready_rx) = flume::bounded(n);
+        let mut conn_senders = Vec::with_capacity(n);
         let mut controls = Vec::with_capacity(n);
         let mut executors = Vec::with_capacity(n);
         let mut failure = None;
         for (id, ends) in mesh::build::<MeshMsg>(n).into_iter().enumerate() {
-            let (ctl_tx, ctl_rx) = flume::bounded(1);
+            let (ctl_tx, control) = flume::bounded(1);
             controls.push(ctl_tx);
+            let (conn_tx, connections) = flume::bounded(PENDING_CONNECTIONS_PER_SHARD);
+            conn_senders.push(conn_tx);
             let cpu = shared.topology.shards[id].cpu;
-            let (shared, ready) = (shared.clone(), ready_tx.clone());
+            let start = ShardStart { id, shared: shared.clone(), ends, control, connections, ready: ready_tx.clone() };
             let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu as usize))
                 .name(&format!("kvloft-s{id}"))
-                .spawn(move || shard::run(id, shared, ends, ctl_rx, ready));
+                .spawn(move || shard::run(start));
             match spawned {
                 Ok(handle) => executors.push((id, handle)),
                 Err(e) => {
@@ -78,7 +94,10 @@ impl Server {
                 }
             }
         }
-        let mut server = Self { executors, shutdown: ShutdownHandle { shards: controls }, socket };
+        let acceptor_stop = Arc::new(AtomicBool::new(false));
+        let shutdown =
+            ShutdownHandle { shards: controls, acceptor_stop: acceptor_stop.clone(), socket: socket.clone() };
+        let mut server = Self { executors, shutdown, socket, acceptor: None };
         if failure.is_none() {
             let deadline = Instant::now() + START_TIMEOUT;
             for _ in 0..n {
@@ -99,6 +118,17 @@ impl Server {
             server.shutdown.shutdown();
             let _ = server.join();
             return Err(e);
+        }
+        let spawned = std::thread::Builder::new()
+            .name("kvloft-accept".into())
+            .spawn(move || acceptor::run(listener, conn_senders, acceptor_stop));
+        match spawned {
+            Ok(handle) => server.acceptor = Some(handle),
+            Err(e) => {
+                server.shutdown.shutdown();
+                let _ = server.join();
+                return Err(ServeError::Signals(e));
+            }
         }
         Ok(server)
     }
@@ -125,6 +155,11 @@ impl Server {
             if let Err(e) = handle.join() {
                 result = Err(ServeError::ShardPanicked { shard, message: e.to_string() });
             }
+        }
+        // Shards are gone; make sure the accept thread is too (it was stopped by shutdown()).
+        self.shutdown.shutdown();
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
         }
         let _ = std::fs::remove_file(&self.socket);
         result

@@ -1,27 +1,54 @@
-//! One shard: its executor's main task, its mesh inbox, and the accept loop on shard 0.
+//! One shard: its executor's main task, its state (index, pool arena, leases) and its mesh inbox.
 
+use crate::acceptor::NewConnection;
 use crate::conn;
 use crate::error::ServeError;
 use crate::mesh::{MeshEnds, MeshSenders};
 use crate::metrics::{self, ShardMetrics};
-use crate::route::ShardId;
+use crate::route::{Router, ShardId};
 use crate::server::Shared;
-use glommio::net::{AcceptedUnixStream, TcpListener, UnixListener};
+use crate::store::{InstanceOp, LeaseOp, OwnerOp};
+use glommio::net::{TcpListener, UnixStream};
+use kvloft_engine::index::ShardIndex;
+use kvloft_engine::lease::LeaseTable;
+use kvloft_engine::namespace::NamespaceId;
 use kvloft_engine::protocol::ShardStats;
-use std::cell::Cell;
+use kvloft_gpu::arena::Arena;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How often leases and pins past their time are dropped.
+const EXPIRY_PERIOD: Duration = Duration::from_secs(1);
+/// Smallest slot the pool hands out; bounds the index at `pool bytes / this` entries.
+const MIN_SLOT_BYTES: u64 = 4096;
+
 /// What shards send each other.
+#[derive(Debug)]
 pub(crate) enum MeshMsg {
-    /// A client connection accepted by shard 0, for the receiving shard to serve.
-    Connection(AcceptedUnixStream),
     /// Asks the receiving shard for its figures.
     Stats {
         /// Where to send them.
         reply: flume::Sender<ShardStats>,
     },
+    /// A store operation for the receiving shard as owner of slices.
+    Owner(OwnerOp),
+    /// A lease operation for the receiving shard as home of the lease.
+    Lease(LeaseOp),
+    /// An instance registration for the receiving shard as home of the instance.
+    Instance(InstanceOp),
+}
+
+/// Per-shard counters, read by `stats` (the Prometheus series mirror them).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub hits: Cell<u64>,
+    pub misses: Cell<u64>,
+    pub saves: Cell<u64>,
+    pub loads: Cell<u64>,
 }
 
 /// A shard's own state, owned by its executor thread.
@@ -30,8 +57,24 @@ pub(crate) struct ShardCtx {
     pub shared: Arc<Shared>,
     pub mesh: MeshSenders<MeshMsg>,
     pub metrics: ShardMetrics,
+    pub router: Router,
+    /// This shard's slice index over its arena.
+    pub index: RefCell<ShardIndex>,
+    /// This shard's slice of the pinned pool.
+    pub arena: RefCell<Arena>,
+    /// Instances whose home is this shard: name -> (namespace, live connections).
+    pub instances: RefCell<HashMap<String, (NamespaceId, u32)>>,
+    /// Leases created by connections on this shard.
+    pub leases: RefCell<LeaseTable>,
+    pub counters: Counters,
     /// Set once shutdown starts: connections refuse new requests.
     pub stopping: Cell<bool>,
+}
+
+impl std::fmt::Debug for ShardCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ShardCtx {{ id: {} }}", self.id)
+    }
 }
 
 impl ShardCtx {
@@ -40,6 +83,7 @@ impl ShardCtx {
         let spec = &self.shared.topology.shards[self.id];
         let allowed_cpus =
             core_affinity::get_core_ids().map(|ids| ids.into_iter().map(|c| c.id as u32).collect()).unwrap_or_default();
+        let index = self.index.borrow();
         ShardStats {
             id: self.id as u32,
             cpu: spec.cpu,
@@ -47,41 +91,61 @@ impl ShardCtx {
             gpu: spec.gpu,
             nic: spec.nic.clone(),
             ssd: spec.ssd.as_ref().map(|p| p.display().to_string()),
-            pool_bytes: self.shared.topology.shard_pool_bytes(self.id),
+            pool_bytes: self.arena.borrow().len(),
             thread_id: current_thread_id(),
             allowed_cpus,
             connections: self.metrics.connections.get().max(0) as u64,
             requests: self.metrics.requests.get(),
-            // No block store in this build yet: these figures are truly zero.
-            slices: 0,
-            used_bytes: 0,
-            hits: 0,
-            misses: 0,
-            evictions: 0,
-            saves: 0,
-            loads: 0,
-            leases: 0,
+            slices: index.slices() as u64,
+            used_bytes: index.used_bytes(),
+            hits: self.counters.hits.get(),
+            misses: self.counters.misses.get(),
+            evictions: index.evictions(),
+            saves: self.counters.saves.get(),
+            loads: self.counters.loads.get(),
+            leases: self.leases.borrow().len() as u64,
         }
     }
 
-    fn handle(self: &Rc<Self>, msg: MeshMsg) {
+    pub(crate) fn handle(self: &Rc<Self>, msg: MeshMsg) {
         match msg {
-            MeshMsg::Connection(accepted) => conn::spawn(self.clone(), accepted.bind_to_executor()),
             MeshMsg::Stats { reply } => {
                 let _ = reply.try_send(self.stats());
             }
+            MeshMsg::Owner(op) => self.owner_op(op),
+            MeshMsg::Lease(op) => self.lease_op(op),
+            MeshMsg::Instance(op) => self.instance_op(op),
         }
     }
 }
 
-/// The executor's main task: join the mesh, start serving, report ready, wait for shutdown.
-pub(crate) async fn run(
-    id: ShardId,
-    shared: Arc<Shared>,
-    ends: MeshEnds<MeshMsg>,
-    control: flume::Receiver<()>,
-    ready: flume::Sender<(ShardId, Result<(), ServeError>)>,
-) {
+/// Everything a shard's executor starts with.
+pub(crate) struct ShardStart {
+    pub id: ShardId,
+    pub shared: Arc<Shared>,
+    pub ends: MeshEnds<MeshMsg>,
+    pub control: flume::Receiver<()>,
+    pub connections: flume::Receiver<NewConnection>,
+    pub ready: flume::Sender<(ShardId, Result<(), ServeError>)>,
+}
+
+/// The executor's main task: allocate the arena, join the mesh, serve, report ready, wait for
+/// shutdown.
+pub(crate) async fn run(start: ShardStart) {
+    let ShardStart { id, shared, ends, control, connections, ready } = start;
+    let spec = shared.topology.shards[id].clone();
+    let pool_bytes = shared.topology.shard_pool_bytes(id);
+    // Allocated on the shard's own thread, pinned to its core, so first touch is NUMA-local.
+    let arena = match Arena::new(pool_bytes, Some(spec.node), shared.topology.memory.hugepages) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = ready.send((id, Err(ServeError::Pool { shard: id, message: e.to_string() })));
+            return;
+        }
+    };
+    for note in arena.notes() {
+        eprintln!("kvloft: shard {id}: {note}");
+    }
     // A shard that fails to start leaves its peers waiting in connect; shutdown still reaches them.
     let joined = futures_lite::future::or(async { Some(ends.connect().await) }, async {
         let _ = control.recv_async().await;
@@ -90,7 +154,22 @@ pub(crate) async fn run(
     .await;
     let Some((mesh, inbound)) = joined else { return };
     let metrics = shared.metrics.shards[id].clone();
-    let ctx = Rc::new(ShardCtx { id, shared, mesh, metrics, stopping: Cell::new(false) });
+    let max_entries = (arena.len() / MIN_SLOT_BYTES).max(1) as usize;
+    let index = ShardIndex::new(arena.len(), max_entries);
+    let seed = seed_for(id);
+    let ctx = Rc::new(ShardCtx {
+        id,
+        router: Router::new(&shared.topology.shards),
+        shared,
+        mesh,
+        metrics,
+        index: RefCell::new(index),
+        arena: RefCell::new(arena),
+        instances: RefCell::new(HashMap::new()),
+        leases: RefCell::new(LeaseTable::new(kvloft_engine::limits::MAX_LEASES_PER_SHARD, seed, id as u16)),
+        counters: Counters::default(),
+        stopping: Cell::new(false),
+    });
     for (_, receiver) in inbound {
         let ctx = ctx.clone();
         glommio::spawn_local(async move {
@@ -100,10 +179,35 @@ pub(crate) async fn run(
         })
         .detach();
     }
+    let accepted = ctx.clone();
+    glommio::spawn_local(async move {
+        while let Ok(c) = connections.recv_async().await {
+            // SAFETY: the descriptor comes from an OwnedFd of a connected, non-blocking Unix socket
+            // that nothing else owns; the glommio stream takes over closing it.
+            let stream = unsafe { UnixStream::from_raw_fd(c.fd.into_raw_fd()) };
+            conn::spawn(accepted.clone(), stream, c.peer);
+        }
+    })
+    .detach();
+    let ticking = ctx.clone();
+    glommio::spawn_local(async move {
+        loop {
+            glommio::timer::sleep(EXPIRY_PERIOD).await;
+            ticking.expire();
+        }
+    })
+    .detach();
     if id == 0 {
-        if let Err(e) = start_listeners(&ctx) {
-            let _ = ready.send((id, Err(e)));
-            return;
+        if let Some(addr) = ctx.shared.topology.server.metrics_addr {
+            match TcpListener::bind(addr) {
+                Ok(http) => {
+                    glommio::spawn_local(metrics::serve_http(http, ctx.shared.metrics.clone())).detach();
+                }
+                Err(e) => {
+                    let _ = ready.send((id, Err(ServeError::Metrics { addr, message: e.to_string() })));
+                    return;
+                }
+            }
         }
     }
     let _ = ready.send((id, Ok(())));
@@ -111,42 +215,10 @@ pub(crate) async fn run(
     ctx.stopping.set(true);
 }
 
-fn start_listeners(ctx: &Rc<ShardCtx>) -> Result<(), ServeError> {
-    let server = &ctx.shared.topology.server;
-    let listener = UnixListener::bind(&server.socket)
-        .map_err(|e| ServeError::Socket { path: server.socket.clone(), cause: e.into() })?;
-    glommio::spawn_local(accept_loop(ctx.clone(), listener)).detach();
-    if let Some(addr) = server.metrics_addr {
-        let http = TcpListener::bind(addr).map_err(|e| ServeError::Metrics { addr, message: e.to_string() })?;
-        glommio::spawn_local(metrics::serve_http(http, ctx.shared.metrics.clone())).detach();
-    }
-    Ok(())
-}
-
-/// Accepts clients and hands them to shards in turn.
-async fn accept_loop(ctx: Rc<ShardCtx>, listener: UnixListener) {
-    let n = ctx.shared.topology.shards.len();
-    let mut next = 0usize;
-    loop {
-        match listener.shared_accept().await {
-            Ok(accepted) => {
-                let target = next % n;
-                next = next.wrapping_add(1);
-                if target == ctx.id {
-                    conn::spawn(ctx.clone(), accepted.bind_to_executor());
-                } else if let Err(Some(MeshMsg::Connection(accepted))) =
-                    ctx.mesh.send_to(target, MeshMsg::Connection(accepted)).await
-                {
-                    conn::spawn(ctx.clone(), accepted.bind_to_executor());
-                }
-            }
-            Err(e) => {
-                // Out of descriptors or a transient error: back off instead of spinning.
-                eprintln!("kvloft: accept failed: {e}");
-                glommio::timer::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+/// A per-shard, per-start seed for lease ids.
+fn seed_for(id: ShardId) -> u64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    t ^ (u64::from(std::process::id()) << 32) ^ (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 fn current_thread_id() -> i32 {

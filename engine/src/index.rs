@@ -1,0 +1,896 @@
+//! One shard's slice index over its pool arena: which slices are stored where, which are being
+//! written, which are pinned by leases, and which to evict.
+//!
+//! A slice is first *reserved* (a slot is allocated and the entry is `Writing`: invisible to
+//! lookups, never evicted), then *sealed* once its bytes are in the slot (visible, evictable when
+//! unpinned) or *aborted* (slot freed). Lookups *pin* sealed slices under a lease; a pinned slice
+//! is never evicted, so a lease's slots stay valid until the lease unpins them or expires.
+//!
+//! Eviction is S3-FIFO (Yang et al., "FIFO queues are all you need for cache eviction", SOSP
+//! 2023): new slices enter a small FIFO (about [`SMALL_QUEUE_PERCENT`] of resident slices); one
+//! that is hit before it reaches the tail moves to the main FIFO, the others are evicted and
+//! remembered in a ghost queue of keys, so a slice saved again soon after goes straight to main.
+//! At main's tail a slice with hits is reinserted with one hit less. A scan of one-time blocks
+//! therefore churns only the small queue and leaves the working set in main alone. Hits are
+//! counted by [`ShardIndex::pin`] (a lookup that found the slice), 0 to [`FREQ_MAX`].
+//!
+//! Bounds: `max_entries` entries (writing and sealed), a ghost queue of [`GHOST_PERCENT`] of that,
+//! [`MAX_LEASES_PER_SHARD`] leases holding pins and [`MAX_PINS_PER_SHARD`] pin records.
+
+use crate::key::SliceKey;
+use crate::limits::{
+    EXPIRE_BATCH_LEASES, FREQ_MAX, GHOST_PERCENT, MAX_LEASES_PER_SHARD, MAX_PINS_PER_SHARD, SMALL_QUEUE_PERCENT,
+};
+use crate::slab::{SlabAllocator, Slot};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+
+/// What [`ShardIndex::reserve`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserved {
+    /// A fresh slot: copy the slice's bytes into it, then [`ShardIndex::seal`] (or
+    /// [`ShardIndex::abort`] if the copy failed).
+    Slot(Slot),
+    /// The slice is stored or being written already: nothing to do.
+    Present,
+}
+
+/// Why a slice could not be reserved. Either way the save of this slice is skipped; the
+/// inference engine goes on without it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IndexError {
+    /// The size is 0 or larger than the whole pool.
+    #[error(
+        "a slice of {bytes} bytes cannot be stored in a pool of {capacity_bytes} bytes; give the shard a larger pool"
+    )]
+    BadSize {
+        /// Bytes asked for.
+        bytes: u64,
+        /// The pool's usable bytes.
+        capacity_bytes: u64,
+    },
+    /// No room is left and nothing can be evicted: every stored slice is pinned or being written.
+    #[error("pool full: no room for {bytes} bytes and nothing evictable ({pinned} slices pinned by leases, {writing} being written); the pool is too small for the load or leases are held too long")]
+    Full {
+        /// Bytes asked for.
+        bytes: u64,
+        /// Slices pinned by leases.
+        pinned: usize,
+        /// Slices being written.
+        writing: usize,
+    },
+    /// The index holds `max` entries and none can be evicted.
+    #[error("index full: {max} entries and nothing evictable ({pinned} pinned, {writing} being written); the pool is too small for the load or leases are held too long")]
+    TooManyEntries {
+        /// The bound.
+        max: usize,
+        /// Slices pinned by leases.
+        pinned: usize,
+        /// Slices being written.
+        writing: usize,
+    },
+}
+
+/// Where an entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Reserved, bytes being copied in: not visible, not evictable, not in a queue.
+    Writing,
+    /// Visible; in the small FIFO.
+    Small,
+    /// Visible; in the main FIFO.
+    Main,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    slot: Slot,
+    state: State,
+    /// Leases pinning the entry (each at most once).
+    pins: u32,
+    /// Hits, 0..=FREQ_MAX.
+    freq: u8,
+}
+
+/// One lease's pins on this shard.
+#[derive(Debug)]
+struct LeasePins {
+    expires_ms: u64,
+    keys: HashSet<SliceKey>,
+}
+
+/// One shard's slice index; see the module doc.
+#[derive(Debug)]
+pub struct ShardIndex {
+    slab: SlabAllocator,
+    max_entries: usize,
+    entries: HashMap<SliceKey, Entry>,
+    // Queues hold exactly the sealed entries: the front is the tail (next to leave), new keys are
+    // pushed at the back. Sealed entries leave only by eviction, so the queues hold no stale keys.
+    small: VecDeque<SliceKey>,
+    main: VecDeque<SliceKey>,
+    /// Recently evicted keys with a sequence number; a key re-sealed leaves `ghost_seq` at once
+    /// and its queue record is skipped when it reaches the front.
+    ghost: VecDeque<(SliceKey, u64)>,
+    ghost_seq: HashMap<SliceKey, u64>,
+    ghost_cap: usize,
+    next_ghost_seq: u64,
+    leases: HashMap<u64, LeasePins>,
+    /// (expires_ms, lease) of every lease in `leases`.
+    expiry: BTreeSet<(u64, u64)>,
+    pin_records: usize,
+    /// Entries with at least one pin, and those of them in the main queue.
+    pinned_entries: usize,
+    pinned_main: usize,
+    writing: usize,
+    evictions: u64,
+}
+
+impl ShardIndex {
+    /// An empty index over a pool arena of `capacity_bytes` holding at most `max_entries` slices
+    /// (writing and sealed).
+    pub fn new(capacity_bytes: u64, max_entries: usize) -> Self {
+        Self {
+            slab: SlabAllocator::new(capacity_bytes),
+            max_entries,
+            entries: HashMap::new(),
+            small: VecDeque::new(),
+            main: VecDeque::new(),
+            ghost: VecDeque::new(),
+            ghost_seq: HashMap::new(),
+            ghost_cap: max_entries / 100 * GHOST_PERCENT + max_entries % 100 * GHOST_PERCENT / 100,
+            next_ghost_seq: 0,
+            leases: HashMap::new(),
+            expiry: BTreeSet::new(),
+            pin_records: 0,
+            pinned_entries: 0,
+            pinned_main: 0,
+            writing: 0,
+            evictions: 0,
+        }
+    }
+
+    /// Makes room for slice `key` of `bytes`, evicting unpinned sealed slices as needed. The slot
+    /// counts as used from now on; the caller copies the bytes in and seals or aborts it.
+    pub fn reserve(&mut self, key: SliceKey, bytes: u64) -> Result<Reserved, IndexError> {
+        if self.entries.contains_key(&key) {
+            return Ok(Reserved::Present);
+        }
+        if bytes == 0 || bytes > self.slab.capacity_bytes() {
+            return Err(IndexError::BadSize { bytes, capacity_bytes: self.slab.capacity_bytes() });
+        }
+        // Each round either allocates or evicts one entry, so it ends within entries + 1 rounds.
+        // With one slice size per shard (one namespace) one eviction always frees a usable slot;
+        // with several, a size class may need a whole chunk to drain first.
+        loop {
+            if self.entries.len() < self.max_entries {
+                if let Some(slot) = self.slab.alloc(bytes) {
+                    self.entries.insert(key, Entry { slot, state: State::Writing, pins: 0, freq: 0 });
+                    self.writing += 1;
+                    return Ok(Reserved::Slot(slot));
+                }
+            }
+            if !self.evict_one() {
+                let (pinned, writing) = (self.pinned_entries, self.writing);
+                return Err(if self.entries.len() >= self.max_entries {
+                    IndexError::TooManyEntries { max: self.max_entries, pinned, writing }
+                } else {
+                    IndexError::Full { bytes, pinned, writing }
+                });
+            }
+        }
+    }
+
+    /// Publishes a written slice. A key evicted recently (in the ghost queue) goes straight to the
+    /// main queue: it is being saved again, so it is worth keeping. Returns false when `key` is
+    /// not being written.
+    pub fn seal(&mut self, key: SliceKey) -> bool {
+        let Some(e) = self.entries.get_mut(&key) else { return false };
+        if e.state != State::Writing {
+            return false;
+        }
+        self.writing -= 1;
+        if self.ghost_seq.remove(&key).is_some() {
+            e.state = State::Main;
+            self.main.push_back(key);
+        } else {
+            e.state = State::Small;
+            self.small.push_back(key);
+        }
+        true
+    }
+
+    /// Drops a slice being written (its copy failed) and frees its slot. Returns false when `key`
+    /// is not being written: sealed slices leave only by eviction.
+    pub fn abort(&mut self, key: SliceKey) -> bool {
+        match self.entries.get(&key) {
+            Some(e) if e.state == State::Writing => {
+                let slot = e.slot;
+                self.entries.remove(&key);
+                self.writing -= 1;
+                let freed = self.slab.free(slot);
+                debug_assert!(freed, "slot of {key:?} was not live");
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Pins sealed slice `key` for `lease` until it is unpinned or `expires_ms` passes, counts a
+    /// hit, and returns its slot. Pinning a key the lease already pins adds no pin and no hit. `None`
+    /// when the slice is not sealed here, or when the lease or pin tables are at their bound:
+    /// either way the caller treats the slice as a miss, which only costs recomputation.
+    ///
+    /// `expires_ms` is the lease's; a later value for the same lease extends all its pins. A
+    /// runtime whose copies outlive the lease should pass its expiry plus the longest copy time.
+    pub fn pin(&mut self, key: SliceKey, lease: u64, expires_ms: u64) -> Option<Slot> {
+        let e = self.entries.get_mut(&key).filter(|e| e.state != State::Writing)?;
+        match self.leases.get_mut(&lease) {
+            Some(lp) => {
+                if expires_ms > lp.expires_ms {
+                    self.expiry.remove(&(lp.expires_ms, lease));
+                    self.expiry.insert((expires_ms, lease));
+                    lp.expires_ms = expires_ms;
+                }
+                if lp.keys.contains(&key) {
+                    return Some(e.slot);
+                }
+                if self.pin_records >= MAX_PINS_PER_SHARD {
+                    return None;
+                }
+                lp.keys.insert(key);
+            }
+            None => {
+                if self.leases.len() >= MAX_LEASES_PER_SHARD || self.pin_records >= MAX_PINS_PER_SHARD {
+                    return None;
+                }
+                self.leases.insert(lease, LeasePins { expires_ms, keys: HashSet::from([key]) });
+                self.expiry.insert((expires_ms, lease));
+            }
+        }
+        self.pin_records += 1;
+        if e.pins == 0 {
+            self.pinned_entries += 1;
+            self.pinned_main += usize::from(e.state == State::Main);
+        }
+        e.pins += 1;
+        e.freq = (e.freq + 1).min(FREQ_MAX);
+        Some(e.slot)
+    }
+
+    /// Drops `lease`'s pin on `key`. Returns false when the lease did not pin it.
+    pub fn unpin(&mut self, key: SliceKey, lease: u64) -> bool {
+        let Some(lp) = self.leases.get_mut(&lease) else { return false };
+        if !lp.keys.remove(&key) {
+            return false;
+        }
+        if lp.keys.is_empty() {
+            self.expiry.remove(&(lp.expires_ms, lease));
+            self.leases.remove(&lease);
+        }
+        self.pin_records -= 1;
+        self.drop_pin(key);
+        true
+    }
+
+    /// Drops every pin of `lease` on this shard; returns how many.
+    pub fn unpin_lease(&mut self, lease: u64) -> usize {
+        let Some(lp) = self.leases.remove(&lease) else { return 0 };
+        self.expiry.remove(&(lp.expires_ms, lease));
+        self.pin_records -= lp.keys.len();
+        for &key in &lp.keys {
+            self.drop_pin(key);
+        }
+        lp.keys.len()
+    }
+
+    /// Drops the pins of up to [`EXPIRE_BATCH_LEASES`] leases whose `expires_ms <= now_ms`, so
+    /// one call's work is bounded; returns the pins dropped. Call again while
+    /// [`ShardIndex::next_expiry_ms`] is due. This is the backstop for leases whose end was never
+    /// reported (a client or shard went away); normally pins go with [`ShardIndex::unpin_lease`].
+    pub fn expire(&mut self, now_ms: u64) -> usize {
+        let mut dropped = 0;
+        for _ in 0..EXPIRE_BATCH_LEASES {
+            match self.expiry.first() {
+                Some(&(at, lease)) if at <= now_ms => dropped += self.unpin_lease(lease),
+                _ => break,
+            }
+        }
+        dropped
+    }
+
+    /// When the next lease's pins expire, if any lease holds pins here.
+    pub fn next_expiry_ms(&self) -> Option<u64> {
+        self.expiry.first().map(|&(at, _)| at)
+    }
+
+    /// Whether `key` is sealed here. Counts no hit: a lookup probes every rank first and pins only
+    /// the hits it will lease.
+    pub fn contains_sealed(&self, key: SliceKey) -> bool {
+        self.entries.get(&key).is_some_and(|e| e.state != State::Writing)
+    }
+
+    /// The slot of sealed slice `key`.
+    pub fn slot(&self, key: SliceKey) -> Option<Slot> {
+        self.entries.get(&key).filter(|e| e.state != State::Writing).map(|e| e.slot)
+    }
+
+    /// The slot of `key` if `lease` pins it: the slot a load may read (pinned, so not evicted).
+    pub fn pinned_slot(&self, key: SliceKey, lease: u64) -> Option<Slot> {
+        self.leases.get(&lease).filter(|lp| lp.keys.contains(&key))?;
+        self.entries.get(&key).map(|e| e.slot)
+    }
+
+    /// Sealed slices.
+    pub fn slices(&self) -> usize {
+        self.small.len() + self.main.len()
+    }
+
+    /// Slices being written.
+    pub fn writing(&self) -> usize {
+        self.writing
+    }
+
+    /// Slices pinned by at least one lease.
+    pub fn pinned(&self) -> usize {
+        self.pinned_entries
+    }
+
+    /// Pool bytes in use: slots of sealed and in-flight slices.
+    pub fn used_bytes(&self) -> u64 {
+        self.slab.used_bytes()
+    }
+
+    /// The pool's usable bytes.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.slab.capacity_bytes()
+    }
+
+    /// Slices evicted since start.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// Leases holding pins on this shard.
+    pub fn leases(&self) -> usize {
+        self.leases.len()
+    }
+
+    fn drop_pin(&mut self, key: SliceKey) {
+        let Some(e) = self.entries.get_mut(&key) else {
+            debug_assert!(false, "pinned {key:?} has no entry");
+            return;
+        };
+        e.pins -= 1;
+        if e.pins == 0 {
+            self.pinned_entries -= 1;
+            self.pinned_main -= usize::from(e.state == State::Main);
+        }
+    }
+
+    /// Evicts one unpinned sealed slice by S3-FIFO; false when every sealed slice is pinned.
+    ///
+    /// Pinned slices are rotated, not evicted: at the small tail they move to main (a pin is a
+    /// hit), at the main tail they go back to the head with their hits intact. When every slice in
+    /// main is pinned (known in O(1) from `pinned_main`) the small queue is drained regardless of
+    /// its target size, and when it is empty too nothing is evictable. Every visit to an unpinned
+    /// slice evicts it or takes one hit off it, so the loop is bounded by the budget below and is
+    /// O(1) amortised when few slices are pinned.
+    fn evict_one(&mut self) -> bool {
+        let mut budget = 2 * (usize::from(FREQ_MAX) + 2) * self.slices() + 4;
+        while budget > 0 {
+            budget -= 1;
+            let over = self.small.len() * 100 > self.slices() * SMALL_QUEUE_PERCENT;
+            let main_evictable = self.main.len() > self.pinned_main;
+            if !self.small.is_empty() && (over || !main_evictable) {
+                let Some(key) = self.small.pop_front() else { break };
+                let Some(e) = self.entries.get_mut(&key) else { continue };
+                if e.pins == 0 && e.freq == 0 {
+                    self.evict(key);
+                    return true;
+                }
+                e.state = State::Main;
+                self.pinned_main += usize::from(e.pins > 0);
+                self.main.push_back(key);
+            } else if main_evictable {
+                let Some(key) = self.main.pop_front() else { break };
+                let Some(e) = self.entries.get_mut(&key) else { continue };
+                if e.pins == 0 && e.freq == 0 {
+                    self.evict(key);
+                    return true;
+                }
+                if e.pins == 0 {
+                    e.freq -= 1;
+                }
+                self.main.push_back(key);
+            } else {
+                return false;
+            }
+        }
+        debug_assert!(false, "eviction ran out of budget");
+        false
+    }
+
+    /// Removes unpinned sealed `key`, frees its slot and remembers it in the ghost queue.
+    fn evict(&mut self, key: SliceKey) {
+        let Some(e) = self.entries.remove(&key) else { return };
+        debug_assert!(e.pins == 0 && e.state != State::Writing);
+        let freed = self.slab.free(e.slot);
+        debug_assert!(freed, "slot of {key:?} was not live");
+        self.evictions += 1;
+        if self.ghost_cap == 0 {
+            return;
+        }
+        while self.ghost.len() >= self.ghost_cap {
+            if let Some((old, seq)) = self.ghost.pop_front() {
+                if self.ghost_seq.get(&old) == Some(&seq) {
+                    self.ghost_seq.remove(&old);
+                }
+            }
+        }
+        let seq = self.next_ghost_seq;
+        self.next_ghost_seq += 1;
+        self.ghost.push_back((key, seq));
+        self.ghost_seq.insert(key, seq);
+    }
+
+    /// Checks every counter and queue against the entries; panics on the first disagreement.
+    #[cfg(test)]
+    pub(crate) fn check(&self) {
+        self.slab.check();
+        let used: u64 = self.entries.values().map(|e| e.slot.reserved).sum();
+        assert_eq!(used, self.slab.used_bytes(), "slab holds exactly the entries' slots");
+        assert!(self.entries.len() <= self.max_entries);
+        let writing = self.entries.values().filter(|e| e.state == State::Writing).count();
+        assert_eq!(writing, self.writing);
+        assert_eq!(self.slices() + writing, self.entries.len(), "every sealed entry is queued once");
+        for (q, state) in [(&self.small, State::Small), (&self.main, State::Main)] {
+            for k in q {
+                assert_eq!(self.entries[k].state, state, "{k:?} queued in the wrong FIFO");
+            }
+        }
+        let mut pins: HashMap<SliceKey, u32> = HashMap::new();
+        for (lease, lp) in &self.leases {
+            assert!(!lp.keys.is_empty(), "lease {lease} holds no pin");
+            assert!(self.expiry.contains(&(lp.expires_ms, *lease)));
+            for k in &lp.keys {
+                *pins.entry(*k).or_default() += 1;
+            }
+        }
+        assert_eq!(self.expiry.len(), self.leases.len());
+        assert_eq!(pins.values().map(|&n| n as usize).sum::<usize>(), self.pin_records);
+        for (k, e) in &self.entries {
+            assert_eq!(e.pins, pins.get(k).copied().unwrap_or(0), "pin count of {k:?}");
+            assert!(e.freq <= FREQ_MAX);
+            assert!(e.pins == 0 || e.state != State::Writing, "a writing slice is pinned");
+        }
+        assert_eq!(self.entries.values().filter(|e| e.pins > 0).count(), self.pinned_entries);
+        assert_eq!(self.main.iter().filter(|k| self.entries[*k].pins > 0).count(), self.pinned_main);
+        assert!(self.ghost.len() <= self.ghost_cap && self.ghost_seq.len() <= self.ghost.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::tests::slice;
+    use crate::limits::CHUNK_BYTES;
+    use crate::rng::SplitMix64;
+    use std::collections::BTreeMap;
+
+    /// 64 KiB slices: 32 per chunk.
+    const SZ: u64 = 64 << 10;
+    const PER_CHUNK: u64 = CHUNK_BYTES / SZ;
+
+    fn k(h: u64) -> SliceKey {
+        slice(1, h, 0)
+    }
+
+    /// Reserves and seals `key`, which must be new.
+    fn put(ix: &mut ShardIndex, key: SliceKey) {
+        assert!(matches!(ix.reserve(key, SZ), Ok(Reserved::Slot(_))), "{key:?}");
+        assert!(ix.seal(key));
+    }
+
+    #[test]
+    fn reserve_seal_abort_lifecycle() {
+        let mut ix = ShardIndex::new(CHUNK_BYTES, 100);
+        let Reserved::Slot(slot) = ix.reserve(k(1), 5000).unwrap() else { panic!("not reserved") };
+        assert_eq!((slot.len, slot.reserved), (5000, 8192));
+        assert_eq!(ix.reserve(k(1), 5000), Ok(Reserved::Present), "being written");
+        assert!(!ix.contains_sealed(k(1)) && ix.slot(k(1)).is_none() && ix.pin(k(1), 9, 100).is_none());
+        assert_eq!((ix.writing(), ix.slices(), ix.used_bytes()), (1, 0, 8192));
+        assert!(ix.seal(k(1)));
+        assert!(!ix.seal(k(1)), "sealed once");
+        assert!(!ix.abort(k(1)), "a sealed slice is not aborted");
+        assert_eq!(ix.reserve(k(1), 5000), Ok(Reserved::Present));
+        assert!(ix.contains_sealed(k(1)));
+        assert_eq!(ix.slot(k(1)), Some(slot));
+        assert_eq!((ix.writing(), ix.slices()), (0, 1));
+        ix.reserve(k(2), 5000).unwrap();
+        assert!(ix.abort(k(2)));
+        assert!(!ix.abort(k(2)) && !ix.seal(k(2)));
+        assert_eq!(ix.used_bytes(), 8192);
+        for bad in [0, CHUNK_BYTES + 1] {
+            let e = ix.reserve(k(3), bad).unwrap_err();
+            assert_eq!(e, IndexError::BadSize { bytes: bad, capacity_bytes: CHUNK_BYTES });
+        }
+        ix.check();
+    }
+
+    #[test]
+    fn without_hits_eviction_is_fifo() {
+        let mut ix = ShardIndex::new(CHUNK_BYTES, 1000);
+        for h in 0..PER_CHUNK {
+            put(&mut ix, k(h));
+        }
+        for h in PER_CHUNK..PER_CHUNK + 10 {
+            put(&mut ix, k(h));
+            assert!(!ix.contains_sealed(k(h - PER_CHUNK)), "oldest goes first");
+            assert!(ix.contains_sealed(k(h - PER_CHUNK + 1)));
+        }
+        assert_eq!(ix.evictions(), 10);
+        ix.check();
+    }
+
+    #[test]
+    fn eviction_spares_pinned_and_writing_slices() {
+        let mut ix = ShardIndex::new(CHUNK_BYTES, 1000);
+        for h in 0..PER_CHUNK {
+            put(&mut ix, k(h));
+        }
+        for h in 0..10 {
+            assert!(ix.pin(k(h), 7, 1_000).is_some());
+        }
+        for h in 10..15 {
+            assert!(ix.abort(k(h)) || ix.contains_sealed(k(h)));
+        }
+        // Slots 10..15 still sealed; reserve five writers that stay open.
+        for h in 100..105 {
+            assert!(matches!(ix.reserve(k(h), SZ), Ok(Reserved::Slot(_))));
+        }
+        for h in 1_000..1_200 {
+            put(&mut ix, k(h));
+            ix.check();
+        }
+        assert!((0..10).all(|h| ix.contains_sealed(k(h))), "pinned slices survive");
+        assert!((100..105).all(|h| ix.seal(k(h))), "writing slices survive");
+        // Pin everything: nothing is evictable any more.
+        let sealed: Vec<SliceKey> = ix.entries.keys().copied().collect();
+        for key in sealed {
+            assert!(ix.pin(key, 8, 1_000).is_some());
+        }
+        let e = ix.reserve(k(5_000), SZ).unwrap_err();
+        assert_eq!(e, IndexError::Full { bytes: SZ, pinned: PER_CHUNK as usize, writing: 0 });
+        assert!(e.to_string().contains("pool is too small"));
+        assert_eq!(ix.unpin_lease(8), PER_CHUNK as usize);
+        assert!(matches!(ix.reserve(k(5_000), SZ), Ok(Reserved::Slot(_))), "lease 7's pins remain, others go");
+        assert!((0..10).all(|h| ix.contains_sealed(k(h))));
+        ix.check();
+    }
+
+    /// With main all pinned, eviction falls back to the small queue even below its target size.
+    #[test]
+    fn pinned_main_falls_back_to_small() {
+        let mut ix = ShardIndex::new(CHUNK_BYTES, 1000);
+        for h in 0..PER_CHUNK {
+            put(&mut ix, k(h));
+        }
+        for h in 0..PER_CHUNK - 2 {
+            ix.pin(k(h), 1, 1_000).unwrap();
+        }
+        put(&mut ix, k(100)); // pinned slices move to main; the first unpinned one goes
+        assert!(!ix.contains_sealed(k(PER_CHUNK - 2)));
+        assert_eq!(
+            (ix.main.len(), ix.pinned_main, ix.small.len()),
+            (PER_CHUNK as usize - 2, PER_CHUNK as usize - 2, 2)
+        );
+        put(&mut ix, k(101)); // small holds 2 of 32, under its target, yet main has nothing to give
+        assert!(!ix.contains_sealed(k(PER_CHUNK - 1)));
+        assert!((0..PER_CHUNK - 2).all(|h| ix.contains_sealed(k(h))));
+        assert_eq!(ix.evictions(), 2);
+        ix.check();
+    }
+
+    #[test]
+    fn entry_bound_evicts_or_refuses() {
+        let mut ix = ShardIndex::new(8 * CHUNK_BYTES, 4);
+        for h in 0..4 {
+            ix.reserve(k(h), SZ).unwrap();
+        }
+        let e = ix.reserve(k(9), SZ).unwrap_err();
+        assert_eq!(e, IndexError::TooManyEntries { max: 4, pinned: 0, writing: 4 });
+        assert!(ix.seal(k(0)));
+        assert!(matches!(ix.reserve(k(9), SZ), Ok(Reserved::Slot(_))), "a sealed slice makes room");
+        assert!(!ix.contains_sealed(k(0)));
+        assert_eq!(ix.evictions(), 1);
+        ix.check();
+    }
+
+    #[test]
+    fn pins_are_per_lease_and_idempotent() {
+        let mut ix = ShardIndex::new(CHUNK_BYTES, 100);
+        put(&mut ix, k(1));
+        put(&mut ix, k(2));
+        let slot = ix.slot(k(1)).unwrap();
+        assert_eq!(ix.pin(k(1), 10, 100), Some(slot));
+        assert_eq!(ix.pin(k(1), 10, 100), Some(slot), "same lease, same key: no second pin");
+        assert_eq!(ix.pin(k(1), 11, 100), Some(slot));
+        assert_eq!(ix.pin(k(2), 10, 100).map(|s| s.offset), ix.slot(k(2)).map(|s| s.offset));
+        assert_eq!(ix.entries[&k(1)].pins, 2);
+        assert_eq!((ix.leases(), ix.pinned()), (2, 2));
+        assert_eq!(ix.pinned_slot(k(1), 11), Some(slot));
+        assert_eq!(ix.pinned_slot(k(2), 11), None);
+        assert!(ix.unpin(k(1), 11));
+        assert!(!ix.unpin(k(1), 11), "already unpinned");
+        assert_eq!(ix.leases(), 1, "a lease with no pins is forgotten");
+        assert_eq!(ix.unpin_lease(10), 2);
+        assert_eq!(ix.unpin_lease(10), 0);
+        assert_eq!((ix.leases(), ix.pinned()), (0, 0));
+        assert_eq!(ix.pin(k(3), 10, 100), None, "a miss pins nothing");
+        ix.check();
+    }
+
+    #[test]
+    fn lease_bound_refuses_new_leases_only() {
+        let mut ix = ShardIndex::new(CHUNK_BYTES, 100);
+        put(&mut ix, k(1));
+        put(&mut ix, k(2));
+        for lease in 0..MAX_LEASES_PER_SHARD as u64 {
+            assert!(ix.pin(k(1), lease, 100).is_some());
+        }
+        assert_eq!(ix.pin(k(1), u64::MAX, 100), None, "lease table full");
+        assert!(ix.pin(k(2), 0, 100).is_some(), "a known lease may pin more");
+        assert_eq!(ix.leases(), MAX_LEASES_PER_SHARD);
+        assert_eq!(ix.expire(99), 0);
+        let mut dropped = 0;
+        while ix.next_expiry_ms().is_some_and(|at| at <= 100) {
+            dropped += ix.expire(100);
+        }
+        assert_eq!(dropped, MAX_LEASES_PER_SHARD + 1);
+        assert_eq!((ix.leases(), ix.pinned()), (0, 0));
+        ix.check();
+    }
+
+    #[test]
+    fn expiry_releases_pins() {
+        let mut ix = ShardIndex::new(CHUNK_BYTES, 100);
+        for h in 0..PER_CHUNK {
+            put(&mut ix, k(h));
+        }
+        ix.pin(k(0), 1, 100).unwrap();
+        ix.pin(k(1), 2, 200).unwrap();
+        ix.pin(k(2), 2, 150).unwrap(); // an earlier expiry does not shorten lease 2
+        ix.pin(k(3), 3, 300).unwrap();
+        ix.pin(k(4), 3, 400).unwrap(); // a later one extends all of lease 3
+        assert_eq!(ix.next_expiry_ms(), Some(100));
+        assert_eq!(ix.expire(99), 0);
+        assert_eq!(ix.expire(100), 1);
+        assert_eq!(ix.next_expiry_ms(), Some(200));
+        assert_eq!(ix.expire(300), 2);
+        assert_eq!(ix.next_expiry_ms(), Some(400));
+        assert_eq!(ix.expire(400), 2);
+        assert_eq!((ix.leases(), ix.pinned(), ix.next_expiry_ms()), (0, 0, None));
+        ix.check();
+        // Unpinned, the slices are evictable again: a pool-sized slot takes their room.
+        assert!(matches!(ix.reserve(k(100), CHUNK_BYTES), Ok(Reserved::Slot(_))));
+        assert_eq!(ix.slices(), 0);
+    }
+
+    #[test]
+    fn expire_does_bounded_work() {
+        let mut ix = ShardIndex::new(CHUNK_BYTES, 100);
+        put(&mut ix, k(1));
+        let n = EXPIRE_BATCH_LEASES as u64 + 10;
+        for lease in 0..n {
+            ix.pin(k(1), lease, 50).unwrap();
+        }
+        assert_eq!(ix.expire(50), EXPIRE_BATCH_LEASES);
+        assert_eq!(ix.next_expiry_ms(), Some(50));
+        assert_eq!(ix.expire(50), 10);
+        assert_eq!(ix.pinned(), 0);
+    }
+
+    #[test]
+    fn a_ghost_hit_goes_to_main() {
+        let mut ix = ShardIndex::new(CHUNK_BYTES, 1000);
+        for h in 0..=PER_CHUNK {
+            put(&mut ix, k(h));
+        }
+        assert!(!ix.contains_sealed(k(0)) && ix.ghost_seq.contains_key(&k(0)));
+        put(&mut ix, k(0));
+        assert_eq!(ix.entries[&k(0)].state, State::Main);
+        assert!(!ix.ghost_seq.contains_key(&k(0)));
+        // New keys now churn the small queue; the returning key stays.
+        for h in 1_000..1_000 + 4 * PER_CHUNK {
+            put(&mut ix, k(h));
+        }
+        assert!(ix.contains_sealed(k(0)));
+        ix.check();
+    }
+
+    /// A working set that was hit survives scans of one-time keys ten times the pool under
+    /// S3-FIFO, while an LRU of the same size keeps none of it.
+    #[test]
+    fn scan_resistance() {
+        let cap = 2 * PER_CHUNK as usize;
+        let working: Vec<SliceKey> = (0..40).map(k).collect();
+        let mut ix = ShardIndex::new(2 * CHUNK_BYTES, cap);
+        let mut lru: VecDeque<SliceKey> = VecDeque::new();
+        let (mut s3_hits, mut lru_hits, mut next_scan) = (0, 0, 1_000_000u64);
+        // One access: a lookup that pins and releases on a hit, a save on a miss.
+        let mut access = |ix: &mut ShardIndex, lru: &mut VecDeque<SliceKey>, key: SliceKey, count: bool| {
+            if ix.contains_sealed(key) {
+                ix.pin(key, 1, 0).unwrap();
+                ix.unpin_lease(1);
+                s3_hits += usize::from(count);
+            } else {
+                put(ix, key);
+            }
+            if let Some(pos) = lru.iter().position(|&x| x == key) {
+                lru.remove(pos);
+                lru_hits += usize::from(count);
+            } else if lru.len() == cap {
+                lru.pop_front();
+            }
+            lru.push_back(key);
+        };
+        // Warm up: save the working set, then hit it twice.
+        for _ in 0..3 {
+            for &key in &working {
+                access(&mut ix, &mut lru, key, false);
+            }
+        }
+        let rounds = 20;
+        for _ in 0..rounds {
+            for _ in 0..10 * cap {
+                access(&mut ix, &mut lru, k(next_scan), true);
+                next_scan += 1;
+            }
+            for &key in &working {
+                access(&mut ix, &mut lru, key, true);
+            }
+            ix.check();
+        }
+        assert_eq!(s3_hits, working.len() * rounds, "S3-FIFO keeps the whole working set");
+        assert_eq!(lru_hits, 0, "the scan flushes an LRU");
+    }
+
+    #[test]
+    fn accounting_returns_to_zero() {
+        let mut ix = ShardIndex::new(4 * CHUNK_BYTES, 1000);
+        let mut rng = SplitMix64::new(3);
+        for h in 0..300 {
+            let bytes = [4096, 12_000, SZ, 300_000][rng.below(4) as usize];
+            if let Ok(Reserved::Slot(_)) = ix.reserve(k(h), bytes) {
+                if rng.below(4) > 0 {
+                    ix.seal(k(h));
+                    ix.pin(k(h), rng.below(20), 1_000);
+                }
+            }
+        }
+        ix.check();
+        assert!(ix.used_bytes() > 0);
+        for lease in 0..20 {
+            ix.unpin_lease(lease);
+        }
+        for h in 0..300 {
+            ix.abort(k(h));
+        }
+        // One slot the size of the pool evicts everything.
+        let Reserved::Slot(all) = ix.reserve(k(9_999), ix.capacity_bytes()).unwrap() else { panic!() };
+        assert_eq!(all.offset, 0);
+        assert!(ix.abort(k(9_999)));
+        assert_eq!((ix.used_bytes(), ix.slices(), ix.writing(), ix.pinned(), ix.leases()), (0, 0, 0, 0, 0));
+        assert_eq!(ix.slab.free_chunks(), 4);
+        ix.check();
+    }
+
+    /// Random operations against a model of what must hold whatever the policy evicts: writing and
+    /// pinned slices stay, a reserve fails only when every sealed slice is pinned, answers match
+    /// the model's state, and all internal counters agree (`check`).
+    #[test]
+    fn randomized_against_a_model() {
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        enum M {
+            Writing,
+            Sealed,
+        }
+        for seed in 0..6 {
+            let mut rng = SplitMix64::new(seed);
+            let max_entries = 20 + rng.below(200) as usize;
+            let mut ix = ShardIndex::new((4 + rng.below(5)) * CHUNK_BYTES, max_entries);
+            let mut model: BTreeMap<SliceKey, M> = BTreeMap::new();
+            let mut pins: BTreeMap<u64, (u64, BTreeSet<SliceKey>)> = BTreeMap::new(); // lease -> (expiry, keys)
+            let mut now = 0u64;
+            let sizes = [SZ, SZ, SZ, SZ, 4096, 200_000, CHUNK_BYTES / 2];
+            for step in 0..4_000 {
+                let op = rng.below(14);
+                // Mostly keys in the state the operation acts on, sometimes any key.
+                let want = match op {
+                    3..=7 => Some(M::Writing),
+                    8..=10 => Some(M::Sealed),
+                    _ => None,
+                };
+                let candidates: Vec<SliceKey> =
+                    model.iter().filter(|(_, m)| Some(**m) == want).map(|(k, _)| *k).collect();
+                let key = if candidates.is_empty() || rng.below(5) == 0 {
+                    slice(1 + rng.below(2) as u8, rng.below(400), rng.below(2) as u16)
+                } else {
+                    candidates[rng.below(candidates.len() as u64) as usize]
+                };
+                let lease = rng.below(12);
+                match op {
+                    0..=2 => {
+                        let bytes = sizes[rng.below(sizes.len() as u64) as usize];
+                        match ix.reserve(key, bytes) {
+                            Ok(Reserved::Present) => assert!(model.contains_key(&key)),
+                            Ok(Reserved::Slot(s)) => {
+                                assert!(!model.contains_key(&key));
+                                assert_eq!(s.len, bytes);
+                                model.insert(key, M::Writing);
+                            }
+                            Err(IndexError::Full { .. } | IndexError::TooManyEntries { .. }) => {
+                                assert!(!model.contains_key(&key));
+                                assert_eq!(ix.pinned(), ix.slices(), "refused with an evictable slice");
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    3..=6 => assert_eq!(
+                        ix.seal(key),
+                        model.get(&key) == Some(&M::Writing) && {
+                            model.insert(key, M::Sealed);
+                            true
+                        }
+                    ),
+                    7 => {
+                        assert_eq!(ix.abort(key), model.get(&key) == Some(&M::Writing) && model.remove(&key).is_some())
+                    }
+                    8..=10 => {
+                        let exp = now + rng.below(100);
+                        let got = ix.pin(key, lease, exp).is_some();
+                        assert_eq!(got, model.get(&key) == Some(&M::Sealed), "pin of {key:?}");
+                        if got {
+                            let e = pins.entry(lease).or_insert((exp, BTreeSet::new()));
+                            e.0 = e.0.max(exp);
+                            e.1.insert(key);
+                        }
+                    }
+                    11 => {
+                        let key = pins.get(&lease).and_then(|(_, ks)| ks.iter().next().copied()).unwrap_or(key);
+                        let had = pins.get_mut(&lease).is_some_and(|(_, ks)| ks.remove(&key));
+                        pins.retain(|_, (_, ks)| !ks.is_empty());
+                        assert_eq!(ix.unpin(key, lease), had);
+                    }
+                    12 => {
+                        let n = pins.remove(&lease).map_or(0, |(_, ks)| ks.len());
+                        assert_eq!(ix.unpin_lease(lease), n);
+                    }
+                    _ => {
+                        now += rng.below(60);
+                        let due: usize = pins.values().filter(|(e, _)| *e <= now).map(|(_, ks)| ks.len()).sum();
+                        pins.retain(|_, (e, _)| *e > now);
+                        assert_eq!(ix.expire(now), due);
+                    }
+                }
+                // Reconcile evictions: only unpinned sealed slices may have gone.
+                let pinned: BTreeSet<SliceKey> = pins.values().flat_map(|(_, ks)| ks.iter().copied()).collect();
+                model.retain(|key, m| {
+                    let present = ix.entries.contains_key(key);
+                    assert!(
+                        present || (*m == M::Sealed && !pinned.contains(key)),
+                        "seed {seed} step {step}: {key:?} lost"
+                    );
+                    present
+                });
+                assert_eq!(ix.entries.len(), model.len());
+                assert_eq!(ix.leases(), pins.len());
+                for (lease, (_, ks)) in &pins {
+                    assert!(ks.iter().all(|key| ix.pinned_slot(*key, *lease).is_some()));
+                }
+                ix.check();
+            }
+        }
+    }
+}

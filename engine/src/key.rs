@@ -1,0 +1,157 @@
+//! Block and slice keys.
+//!
+//! A block is named by its namespace and the hash the inference engine computed for it; each of
+//! its slices (one per rank) is a separate entry of some shard's index. Keys are small `Copy`
+//! values (no heap) so indexes and queues hold them inline.
+
+use crate::limits::MAX_HASH_BYTES;
+use crate::namespace::NamespaceId;
+use crate::rng::mix64;
+use std::fmt;
+
+/// A block hash as the inference engine computed it, 1 to [`MAX_HASH_BYTES`] bytes, stored inline.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockHash {
+    // Bytes past `len` are always zero, so derived equality and hashing see only the hash.
+    bytes: [u8; MAX_HASH_BYTES],
+    len: u8,
+}
+
+/// Why bytes are not a block hash.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// Empty or longer than [`MAX_HASH_BYTES`].
+    #[error("block hash of {len} bytes; send 1 to {MAX_HASH_BYTES} bytes (vLLM's SHA-256 block hashes are 32)")]
+    HashLength {
+        /// The length received.
+        len: usize,
+    },
+}
+
+impl BlockHash {
+    /// The hash bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl TryFrom<&[u8]> for BlockHash {
+    type Error = KeyError;
+
+    fn try_from(b: &[u8]) -> Result<Self, KeyError> {
+        if b.is_empty() || b.len() > MAX_HASH_BYTES {
+            return Err(KeyError::HashLength { len: b.len() });
+        }
+        let mut bytes = [0u8; MAX_HASH_BYTES];
+        bytes[..b.len()].copy_from_slice(b);
+        Ok(Self { bytes, len: b.len() as u8 })
+    }
+}
+
+impl fmt::Debug for BlockHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BlockHash(")?;
+        self.as_bytes().iter().try_for_each(|b| write!(f, "{b:02x}"))?;
+        f.write_str(")")
+    }
+}
+
+/// A block: its namespace and its hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockKey {
+    /// The namespace the block's bytes belong to.
+    pub ns: NamespaceId,
+    /// The engine's hash of the block.
+    pub hash: BlockHash,
+}
+
+impl BlockKey {
+    /// A 64-bit hash of the key for routing to a shard: FNV-1a over the namespace id and the hash
+    /// bytes, then the splitmix64 finalizer. FNV alone leaves short or patterned client hashes
+    /// (counters in tests, truncated hashes) clustered in the high bits that jump hashing uses;
+    /// the finalizer spreads them. Stable across processes and hosts: changing it moves every
+    /// block to another shard, which costs a restart's worth of misses.
+    pub fn route_hash(&self) -> u64 {
+        const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+        let fnv = self
+            .ns
+            .0
+            .iter()
+            .chain(self.hash.as_bytes())
+            .fold(FNV_OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(FNV_PRIME));
+        mix64(fnv)
+    }
+}
+
+/// One rank's slice of a block: the unit a shard's index stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SliceKey {
+    /// The block.
+    pub block: BlockKey,
+    /// The rank (`pp_rank * tp_size + tp_rank`), below [`crate::limits::MAX_RANKS`].
+    pub rank: u16,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    /// A test key: namespace byte `ns`, hash = the 8 little-endian bytes of `h`, rank `rank`.
+    pub(crate) fn slice(ns: u8, h: u64, rank: u16) -> SliceKey {
+        let hash = BlockHash::try_from(&h.to_le_bytes()[..]).unwrap();
+        SliceKey { block: BlockKey { ns: NamespaceId([ns; 16]), hash }, rank }
+    }
+
+    #[test]
+    fn hash_length_is_checked() {
+        assert_eq!(BlockHash::try_from(&[][..]), Err(KeyError::HashLength { len: 0 }));
+        let e = BlockHash::try_from(&[0u8; 33][..]).unwrap_err();
+        assert_eq!(e, KeyError::HashLength { len: 33 });
+        assert!(e.to_string().contains("33 bytes"));
+        for len in [1, 8, 32] {
+            let b: Vec<u8> = (1..=len as u8).collect();
+            let h = BlockHash::try_from(&b[..]).unwrap();
+            assert_eq!(h.as_bytes(), &b[..]);
+        }
+    }
+
+    /// A short hash is not equal to its zero-padded longer form.
+    #[test]
+    fn length_is_part_of_identity() {
+        let a = BlockHash::try_from(&[1u8, 2][..]).unwrap();
+        let b = BlockHash::try_from(&[1u8, 2, 0][..]).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(format!("{a:?}"), "BlockHash(0102)");
+    }
+
+    /// Pins the routing function: a change moves every stored block to another shard.
+    #[test]
+    fn route_hash_is_stable() {
+        let k = slice(7, 42, 0).block;
+        assert_eq!(k.route_hash(), ROUTE_GOLDEN);
+    }
+
+    /// Computed independently (Python) from the documented definition.
+    const ROUTE_GOLDEN: u64 = 0x21e7_fe7c_3e4b_487a;
+
+    /// Counter-valued hashes (the worst case for FNV alone) spread evenly over the top bits.
+    #[test]
+    fn route_hash_spreads_low_entropy_keys() {
+        let buckets = 16usize;
+        let mut counts = vec![0u32; buckets];
+        let n = 32_000u64;
+        for i in 0..n {
+            counts[(slice(1, i, 0).block.route_hash() >> 60) as usize] += 1;
+        }
+        let expect = (n / buckets as u64) as f64;
+        for c in counts {
+            assert!((f64::from(c) - expect).abs() / expect < 0.06, "bucket of {c}, expected {expect}");
+        }
+        let distinct: HashSet<u64> = (0..n).map(|i| slice(1, i, 0).block.route_hash()).collect();
+        assert_eq!(distinct.len(), n as usize);
+        assert_ne!(slice(1, 5, 0).block.route_hash(), slice(2, 5, 0).block.route_hash(), "namespace counts");
+    }
+}

@@ -1,0 +1,527 @@
+//! The block store across shards: what a connection's shard asks owner shards to do, and what an
+//! owner shard does with its own index, pool arena and leases.
+//!
+//! Ownership: the slice of block `k` for rank `r` belongs to shard `route(k.route_hash(), node)`,
+//! where `node` is the NUMA node of rank `r`'s GPU (none for the host backend, so every slice of a
+//! block lands on the same shard). A lease record lives on the shard that created it (its *home*,
+//! written in the lease id); the pins it stands for live on the owners of the slices.
+//!
+//! Every owner-side handler is synchronous: it touches only its own shard's state, so nothing is
+//! borrowed across an await and no lock exists.
+
+use crate::route::ShardId;
+use crate::shard::{MeshMsg, ShardCtx};
+use kvloft_engine::index::Reserved;
+use kvloft_engine::key::{BlockHash, BlockKey, SliceKey};
+use kvloft_engine::lease::{lease_home, Lease, LeaseError};
+use kvloft_engine::namespace::NamespaceId;
+use kvloft_engine::protocol::ErrorCode;
+use kvloft_gpu::host::HostMemory;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// A failed store operation: the code and message sent to the client.
+#[derive(Debug)]
+pub(crate) struct StoreError(pub ErrorCode, pub String);
+
+/// What an owner found for a lookup: the request positions whose slices it had, all pinned.
+#[derive(Debug, Default)]
+pub(crate) struct Probed {
+    pub found: Vec<(u32, u16)>,
+}
+
+/// What an owner did with a batch of saves.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Saved {
+    pub saved: u32,
+    pub present: u32,
+    pub failed: u32,
+    pub error: Option<String>,
+}
+
+/// What an owner did with a batch of loads.
+#[derive(Debug, Default)]
+pub(crate) struct Loaded {
+    pub loaded: u32,
+    pub error: Option<String>,
+}
+
+/// A request to an owner shard.
+#[derive(Debug)]
+pub(crate) enum OwnerOp {
+    /// Pin the sealed slices among `keys` under `lease` until `expires_ms`; report which.
+    Probe { lease: u64, expires_ms: u64, keys: Vec<(u32, SliceKey)>, reply: flume::Sender<Probed> },
+    /// Drop the pins of `lease` on `keys` (all of the lease's pins when `keys` is empty).
+    Unpin { lease: u64, keys: Vec<SliceKey> },
+    /// Copy these engine blocks of `mem` into new slices.
+    Save { mem: Arc<HostMemory>, slice_bytes: u64, items: Vec<(SliceKey, u32)>, reply: flume::Sender<Saved> },
+    /// Copy the slices pinned by `lease` into these engine blocks of `mem`, then unpin them.
+    Load { mem: Arc<HostMemory>, lease: u64, items: Vec<(SliceKey, u32)>, reply: flume::Sender<Loaded> },
+}
+
+/// Instances one home shard tracks at most.
+pub(crate) const MAX_INSTANCES_PER_SHARD: usize = 4096;
+
+/// A request to an instance's home shard: every connection of an instance must agree on its
+/// namespace.
+#[derive(Debug)]
+pub(crate) enum InstanceOp {
+    /// A connection registers `name` with namespace `ns`.
+    Join { name: String, ns: NamespaceId, reply: flume::Sender<Result<(), StoreError>> },
+    /// A connection of `name` closed.
+    Leave { name: String },
+}
+
+/// A request to a lease's home shard.
+#[derive(Debug)]
+pub(crate) enum LeaseOp {
+    /// Record a new lease.
+    Insert { lease: Lease },
+    /// Rank `rank` of `instance` starts loading lease `id`: answer its namespace and hashes.
+    BeginLoad {
+        id: u64,
+        instance: String,
+        rank: u32,
+        reply: flume::Sender<Result<(NamespaceId, Vec<BlockHash>), StoreError>>,
+    },
+    /// Rank `rank` finished loading lease `id`.
+    FinishLoad { id: u64, rank: u32 },
+    /// Give up lease `id` (`instance` None: the creating connection closed).
+    Release { id: u64, instance: Option<String>, reply: Option<flume::Sender<Result<(), StoreError>>> },
+}
+
+impl ShardCtx {
+    /// Milliseconds since the server started: the clock of leases and pins.
+    pub fn now_ms(&self) -> u64 {
+        self.shared.started.elapsed().as_millis() as u64
+    }
+
+    /// Handles a store operation addressed to this shard as owner.
+    pub(crate) fn owner_op(&self, op: OwnerOp) {
+        match op {
+            OwnerOp::Probe { lease, expires_ms, keys, reply } => {
+                let mut index = self.index.borrow_mut();
+                let mut out = Probed::default();
+                for (pos, key) in keys {
+                    if index.pin(key, lease, expires_ms).is_some() {
+                        out.found.push((pos, key.rank));
+                        self.counters.hits.set(self.counters.hits.get() + 1);
+                    } else {
+                        self.counters.misses.set(self.counters.misses.get() + 1);
+                    }
+                }
+                let _ = reply.try_send(out);
+            }
+            OwnerOp::Unpin { lease, keys } => {
+                let mut index = self.index.borrow_mut();
+                if keys.is_empty() {
+                    index.unpin_lease(lease);
+                } else {
+                    for key in keys {
+                        index.unpin(key, lease);
+                    }
+                }
+            }
+            OwnerOp::Save { mem, slice_bytes, items, reply } => {
+                let _ = reply.try_send(self.save_slices(&mem, slice_bytes, items));
+            }
+            OwnerOp::Load { mem, lease, items, reply } => {
+                let _ = reply.try_send(self.load_slices(&mem, lease, items));
+            }
+        }
+    }
+
+    fn save_slices(&self, mem: &HostMemory, slice_bytes: u64, items: Vec<(SliceKey, u32)>) -> Saved {
+        let mut out = Saved::default();
+        let mut to_copy: Vec<(SliceKey, u32, u64)> = Vec::with_capacity(items.len());
+        {
+            let mut index = self.index.borrow_mut();
+            for (key, block_id) in items {
+                match index.reserve(key, slice_bytes) {
+                    Ok(Reserved::Slot(slot)) => to_copy.push((key, block_id, slot.offset)),
+                    Ok(Reserved::Present) => out.present += 1,
+                    Err(e) => {
+                        out.failed += 1;
+                        out.error.get_or_insert_with(|| e.to_string());
+                    }
+                }
+            }
+        }
+        if to_copy.is_empty() {
+            return out;
+        }
+        let copies: Vec<(u32, u64)> = to_copy.iter().map(|(_, b, off)| (*b, *off)).collect();
+        let result = mem.save_into(&mut self.arena.borrow_mut(), &copies);
+        let mut index = self.index.borrow_mut();
+        match result {
+            Ok(()) => {
+                for (key, _, _) in &to_copy {
+                    index.seal(*key);
+                }
+                out.saved += to_copy.len() as u32;
+                self.counters.saves.set(self.counters.saves.get() + to_copy.len() as u64);
+            }
+            Err(e) => {
+                // A copy that failed may have written part of a slot: none of them is published.
+                for (key, _, _) in &to_copy {
+                    index.abort(*key);
+                }
+                out.failed += to_copy.len() as u32;
+                out.error = Some(e.to_string());
+            }
+        }
+        out
+    }
+
+    fn load_slices(&self, mem: &HostMemory, lease: u64, items: Vec<(SliceKey, u32)>) -> Loaded {
+        let mut copies = Vec::with_capacity(items.len());
+        {
+            let index = self.index.borrow();
+            for (key, block_id) in &items {
+                // The lease pinned the slice at lookup; a slice no longer pinned has expired.
+                match index.pinned_slot(*key, lease) {
+                    Some(slot) => copies.push((*block_id, slot.offset)),
+                    None => {
+                        return Loaded {
+                            loaded: 0,
+                            error: Some("a leased block is no longer held (the lease expired); recompute".into()),
+                        }
+                    }
+                }
+            }
+        }
+        let result = mem.load_from(&self.arena.borrow(), &copies);
+        let mut index = self.index.borrow_mut();
+        for (key, _) in &items {
+            index.unpin(*key, lease);
+        }
+        match result {
+            Ok(()) => {
+                self.counters.loads.set(self.counters.loads.get() + copies.len() as u64);
+                Loaded { loaded: copies.len() as u32, error: None }
+            }
+            Err(e) => Loaded { loaded: 0, error: Some(e.to_string()) },
+        }
+    }
+
+    /// Handles an instance registration on this shard as the instance's home.
+    pub(crate) fn instance_op(&self, op: InstanceOp) {
+        let mut instances = self.instances.borrow_mut();
+        match op {
+            InstanceOp::Join { name, ns, reply } => {
+                let full = instances.len() >= MAX_INSTANCES_PER_SHARD;
+                let result = match instances.get_mut(&name) {
+                    Some((known, _)) if *known != ns => Err(StoreError(
+                        ErrorCode::Mismatch,
+                        format!(
+                            "instance {name:?} is registered with namespace {known} by another connection, not {ns}; \
+                             every process of one engine must describe the same model and cache"
+                        ),
+                    )),
+                    Some((_, connections)) => {
+                        *connections += 1;
+                        Ok(())
+                    }
+                    None if full => Err(StoreError(
+                        ErrorCode::TooLarge,
+                        format!("more than {MAX_INSTANCES_PER_SHARD} instances on one shard; close idle engines"),
+                    )),
+                    None => {
+                        instances.insert(name, (ns, 1));
+                        Ok(())
+                    }
+                };
+                let _ = reply.try_send(result);
+            }
+            InstanceOp::Leave { name } => {
+                if let Some((_, connections)) = instances.get_mut(&name) {
+                    *connections -= 1;
+                    if *connections == 0 {
+                        instances.remove(&name);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The home shard of instance `name`.
+    pub(crate) fn instance_home(&self, name: &str) -> ShardId {
+        // FNV-1a then a finaliser: stable, and spreads similar names.
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        self.router.route(kvloft_engine::rng::mix64(h), None)
+    }
+
+    /// Handles a lease operation on this shard as the lease's home.
+    pub(crate) fn lease_op(self: &Rc<Self>, op: LeaseOp) {
+        match op {
+            LeaseOp::Insert { lease } => {
+                if self.leases.borrow_mut().insert(lease).is_err() {
+                    eprintln!("kvloft: shard {}: lease table full, a lease was dropped", self.id);
+                }
+            }
+            LeaseOp::BeginLoad { id, instance, rank, reply } => {
+                let now = self.now_ms();
+                let answer = match self.leases.borrow_mut().begin_load(id, &instance, rank, now) {
+                    Ok(lease) => Ok((lease.ns, lease.hashes.clone())),
+                    Err(e) => Err(lease_error(e)),
+                };
+                let _ = reply.try_send(answer);
+            }
+            LeaseOp::FinishLoad { id, rank } => {
+                self.leases.borrow_mut().finish_load(id, rank);
+            }
+            LeaseOp::Release { id, instance, reply } => {
+                let result = {
+                    let mut leases = self.leases.borrow_mut();
+                    match (leases.get(id), &instance) {
+                        (None, _) => Err(StoreError(
+                            ErrorCode::UnknownLease,
+                            format!("lease {id:#x} does not exist (expired, released or fully loaded)"),
+                        )),
+                        (Some(l), Some(i)) if &l.instance != i => Err(StoreError(
+                            ErrorCode::LeaseNotOwned,
+                            format!("lease {id:#x} belongs to another instance"),
+                        )),
+                        _ => {
+                            leases.remove(id);
+                            Ok(())
+                        }
+                    }
+                };
+                if result.is_ok() {
+                    self.broadcast_unpin(id);
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.try_send(result);
+                }
+            }
+        }
+    }
+
+    /// Drops every pin of `lease` on every shard.
+    pub(crate) fn broadcast_unpin(self: &Rc<Self>, lease: u64) {
+        let ctx = self.clone();
+        glommio::spawn_local(async move {
+            for shard in 0..ctx.shard_count() {
+                ctx.tell(shard, MeshMsg::Owner(OwnerOp::Unpin { lease, keys: Vec::new() })).await;
+            }
+        })
+        .detach();
+    }
+
+    /// Expires leases and pins past their time; runs every second.
+    pub(crate) fn expire(&self) {
+        let now = self.now_ms();
+        self.index.borrow_mut().expire(now);
+        self.leases.borrow_mut().expire(now);
+    }
+
+    /// Number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.shared.topology.shards.len()
+    }
+
+    /// Delivers `msg` to `shard` (this one included); a stopped shard drops it.
+    pub(crate) async fn tell(self: &Rc<Self>, shard: ShardId, msg: MeshMsg) {
+        if shard == self.id {
+            self.handle(msg);
+        } else {
+            let _ = self.mesh.send_to(shard, msg).await;
+        }
+    }
+
+    /// Sends an operation built around a reply channel and waits for the answer.
+    pub(crate) async fn ask<T>(
+        self: &Rc<Self>,
+        shard: ShardId,
+        make: impl FnOnce(flume::Sender<T>) -> MeshMsg,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = flume::bounded(1);
+        self.tell(shard, make(tx)).await;
+        rx.recv_async()
+            .await
+            .map_err(|_| StoreError(ErrorCode::ShuttingDown, format!("shard {shard} has stopped; retry later")))
+    }
+
+    /// The owner shard of `key`.
+    pub(crate) fn owner(&self, key: &SliceKey) -> ShardId {
+        self.router.route(key.block.route_hash(), None)
+    }
+}
+
+fn lease_error(e: LeaseError) -> StoreError {
+    let code = match e {
+        LeaseError::NotOwned { .. } => ErrorCode::LeaseNotOwned,
+        LeaseError::RankOutOfRange { .. } => ErrorCode::Mismatch,
+        _ => ErrorCode::UnknownLease,
+    };
+    StoreError(code, e.to_string())
+}
+
+/// Groups `(position, key)` pairs by owner shard.
+pub(crate) fn by_owner<T>(
+    ctx: &ShardCtx,
+    items: impl IntoIterator<Item = (SliceKey, T)>,
+) -> BTreeMap<ShardId, Vec<(SliceKey, T)>> {
+    let mut out: BTreeMap<ShardId, Vec<(SliceKey, T)>> = BTreeMap::new();
+    for (key, v) in items {
+        out.entry(ctx.owner(&key)).or_default().push((key, v));
+    }
+    out
+}
+
+/// Looks up `hashes` for every rank of the namespace, pins the leading hits under a new lease and
+/// records the lease at this shard. Returns `(hits, lease)`.
+pub(crate) async fn lookup(
+    ctx: &Rc<ShardCtx>,
+    instance: &str,
+    ns: NamespaceId,
+    ranks: u32,
+    hashes: Vec<BlockHash>,
+    ttl_ms: u64,
+) -> Result<(u32, u64), StoreError> {
+    let lease = ctx.leases.borrow_mut().next_id();
+    let expires_ms = ctx.now_ms() + ttl_ms;
+    let mut keys = Vec::with_capacity(hashes.len() * ranks as usize);
+    for (pos, hash) in hashes.iter().enumerate() {
+        for rank in 0..ranks {
+            keys.push((SliceKey { block: BlockKey { ns, hash: *hash }, rank: rank as u16 }, pos as u32));
+        }
+    }
+    let groups = by_owner(ctx, keys);
+    let mut found = vec![0u32; hashes.len()];
+    let mut pinned: BTreeMap<ShardId, Vec<(u32, SliceKey)>> = BTreeMap::new();
+    for (shard, items) in groups {
+        let probe: Vec<(u32, SliceKey)> = items.iter().map(|(k, pos)| (*pos, *k)).collect();
+        let reply =
+            ctx.ask(shard, |reply| MeshMsg::Owner(OwnerOp::Probe { lease, expires_ms, keys: probe, reply })).await?;
+        for (pos, rank) in reply.found {
+            found[pos as usize] += 1;
+            let key = SliceKey { block: BlockKey { ns, hash: hashes[pos as usize] }, rank };
+            pinned.entry(shard).or_default().push((pos, key));
+        }
+    }
+    let hits = found.iter().take_while(|&&n| n == ranks).count();
+    // Pins beyond the prefix protect nothing the client can load: drop them now.
+    for (shard, keys) in pinned {
+        let extra: Vec<SliceKey> = keys.into_iter().filter(|(pos, _)| *pos as usize >= hits).map(|(_, k)| k).collect();
+        if !extra.is_empty() {
+            ctx.tell(shard, MeshMsg::Owner(OwnerOp::Unpin { lease, keys: extra })).await;
+        }
+    }
+    if hits == 0 {
+        return Ok((0, 0));
+    }
+    let record = Lease::new(lease, instance.to_string(), ns, hashes[..hits].to_vec(), ranks, expires_ms);
+    ctx.lease_op(LeaseOp::Insert { lease: record });
+    Ok((hits as u32, lease))
+}
+
+/// Saves this rank's slices of `blocks` through their owners.
+pub(crate) async fn save(
+    ctx: &Rc<ShardCtx>,
+    mem: Arc<HostMemory>,
+    ns: NamespaceId,
+    rank: u32,
+    blocks: Vec<(BlockHash, u32)>,
+) -> Saved {
+    let slice_bytes = mem.slice_bytes();
+    let keys = blocks.into_iter().map(|(hash, id)| (SliceKey { block: BlockKey { ns, hash }, rank: rank as u16 }, id));
+    let mut total = Saved::default();
+    for (shard, items) in by_owner(ctx, keys) {
+        let n = items.len() as u32;
+        let mem = mem.clone();
+        match ctx.ask(shard, |reply| MeshMsg::Owner(OwnerOp::Save { mem, slice_bytes, items, reply })).await {
+            Ok(s) => {
+                total.saved += s.saved;
+                total.present += s.present;
+                total.failed += s.failed;
+                if total.error.is_none() {
+                    total.error = s.error;
+                }
+            }
+            Err(StoreError(_, message)) => {
+                total.failed += n;
+                total.error.get_or_insert(message);
+            }
+        }
+    }
+    total
+}
+
+/// A load whose lease checked out: what [`load_copy`] needs.
+#[derive(Debug)]
+pub(crate) struct LoadPlan {
+    lease: u64,
+    ns: NamespaceId,
+    hashes: Vec<BlockHash>,
+    rank: u32,
+}
+
+/// Checks lease `lease` for this instance and rank at its home and marks the rank as loading.
+pub(crate) async fn load_prepare(
+    ctx: &Rc<ShardCtx>,
+    instance: &str,
+    rank: u32,
+    lease: u64,
+    block_count: usize,
+) -> Result<LoadPlan, StoreError> {
+    let home = lease_home(lease) as ShardId;
+    if home >= ctx.shard_count() {
+        return Err(StoreError(ErrorCode::UnknownLease, format!("lease {lease:#x} was not issued by this server")));
+    }
+    let instance = instance.to_string();
+    let (ns, hashes) =
+        ctx.ask(home, |reply| MeshMsg::Lease(LeaseOp::BeginLoad { id: lease, instance, rank, reply })).await??;
+    if block_count > hashes.len() {
+        ctx.tell(home, MeshMsg::Lease(LeaseOp::FinishLoad { id: lease, rank })).await;
+        return Err(StoreError(
+            ErrorCode::BadRequest,
+            format!("{block_count} block ids for a lease of {} hits; send at most one per hit", hashes.len()),
+        ));
+    }
+    Ok(LoadPlan { lease, ns, hashes, rank })
+}
+
+/// Copies the planned slices into this rank's engine blocks `block_ids` (one per hit, in order).
+/// Any failure fails the whole load: `loaded` is then 0 and the engine recomputes every block.
+pub(crate) async fn load_copy(ctx: &Rc<ShardCtx>, mem: Arc<HostMemory>, plan: LoadPlan, block_ids: Vec<u32>) -> Loaded {
+    let LoadPlan { lease, ns, hashes, rank } = plan;
+    let keys = hashes
+        .iter()
+        .zip(&block_ids)
+        .map(|(hash, id)| (SliceKey { block: BlockKey { ns, hash: *hash }, rank: rank as u16 }, *id));
+    let mut total = Loaded::default();
+    for (shard, items) in by_owner(ctx, keys) {
+        let mem = mem.clone();
+        let done = ctx.ask(shard, |reply| MeshMsg::Owner(OwnerOp::Load { mem, lease, items, reply })).await;
+        match done {
+            Ok(l) if l.error.is_none() => total.loaded += l.loaded,
+            Ok(l) => {
+                total.error = l.error;
+                break;
+            }
+            Err(StoreError(_, message)) => {
+                total.error = Some(message);
+                break;
+            }
+        }
+    }
+    let home = lease_home(lease) as ShardId;
+    ctx.tell(home, MeshMsg::Lease(LeaseOp::FinishLoad { id: lease, rank })).await;
+    if total.error.is_some() {
+        total.loaded = 0;
+    }
+    total
+}
+
+/// Releases lease `lease` for `instance`.
+pub(crate) async fn release(ctx: &Rc<ShardCtx>, instance: &str, lease: u64) -> Result<(), StoreError> {
+    let home = lease_home(lease) as ShardId;
+    if home >= ctx.shard_count() {
+        return Err(StoreError(ErrorCode::UnknownLease, format!("lease {lease:#x} was not issued by this server")));
+    }
+    let instance = Some(instance.to_string());
+    ctx.ask(home, |reply| MeshMsg::Lease(LeaseOp::Release { id: lease, instance, reply: Some(reply) })).await?
+}
