@@ -22,7 +22,12 @@ use crate::limits::{
     EXPIRE_BATCH_LEASES, FREQ_MAX, GHOST_PERCENT, MAX_LEASES_PER_SHARD, MAX_PINS_PER_SHARD, SMALL_QUEUE_PERCENT,
 };
 use crate::slab::{SlabAllocator, Slot};
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+
+/// Hash maps keyed by client-chosen hashes: foldhash is several times faster than SipHash on these
+/// short keys and is seeded per process, so clients still cannot aim collisions at it.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 /// What [`ShardIndex::reserve`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,14 +138,14 @@ impl ShardIndex {
         Self {
             slab: SlabAllocator::new(capacity_bytes),
             max_entries,
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             small: VecDeque::new(),
             main: VecDeque::new(),
             ghost: VecDeque::new(),
-            ghost_seq: HashMap::new(),
+            ghost_seq: HashMap::default(),
             ghost_cap: max_entries / 100 * GHOST_PERCENT + max_entries % 100 * GHOST_PERCENT / 100,
             next_ghost_seq: 0,
-            leases: HashMap::new(),
+            leases: HashMap::default(),
             expiry: BTreeSet::new(),
             pin_records: 0,
             pinned_entries: 0,
@@ -244,7 +249,7 @@ impl ShardIndex {
                 if self.leases.len() >= MAX_LEASES_PER_SHARD || self.pin_records >= MAX_PINS_PER_SHARD {
                     return None;
                 }
-                self.leases.insert(lease, LeasePins { expires_ms, keys: HashSet::from([key]) });
+                self.leases.insert(lease, LeasePins { expires_ms, keys: HashSet::from_iter([key]) });
                 self.expiry.insert((expires_ms, lease));
             }
         }
@@ -449,7 +454,7 @@ impl ShardIndex {
                 assert_eq!(self.entries[k].state, state, "{k:?} queued in the wrong FIFO");
             }
         }
-        let mut pins: HashMap<SliceKey, u32> = HashMap::new();
+        let mut pins: HashMap<SliceKey, u32> = HashMap::default();
         for (lease, lp) in &self.leases {
             assert!(!lp.keys.is_empty(), "lease {lease} holds no pin");
             assert!(self.expiry.contains(&(lp.expires_ms, *lease)));
