@@ -223,7 +223,52 @@ pub enum Request {
     Stats(StatsRequest),
 }
 
+/// Why a request body did not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BodyError {
+    /// The body is not a MessagePack map with a string `"op"`; fix the client.
+    #[error("the body is not a MessagePack map with an \"op\" key: {0}")]
+    NoOp(String),
+    /// The operation is not one this build serves; upgrade the server or drop the call.
+    #[error("unknown operation {0:?}; this server knows {ops}", ops = Request::OPS.join(", "))]
+    UnknownOp(String),
+    /// A known operation with missing or mistyped fields; fix the client.
+    #[error("malformed `{op}` request: {message}")]
+    Malformed {
+        /// The operation.
+        op: &'static str,
+        /// What the decoder said.
+        message: String,
+    },
+}
+
 impl Request {
+    /// Decodes a request body. Reads `"op"` first, then decodes the operation's own struct
+    /// straight from the body: the generic internally tagged path would first copy the whole body
+    /// (1,024 hashes of a lookup, say) into an intermediate tree.
+    pub fn decode(body: &[u8]) -> Result<Request, BodyError> {
+        #[derive(Deserialize)]
+        struct OpOnly {
+            op: String,
+        }
+        fn fields<'a, T: Deserialize<'a>>(op: &'static str, body: &'a [u8]) -> Result<T, BodyError> {
+            from_body(body).map_err(|e| BodyError::Malformed { op, message: e.to_string() })
+        }
+        let OpOnly { op } = from_body(body).map_err(|e| BodyError::NoOp(e.to_string()))?;
+        Ok(match op.as_str() {
+            "hello" => Self::Hello(fields("hello", body)?),
+            "register_instance" => Self::RegisterInstance(fields("register_instance", body)?),
+            "register_memory" => Self::RegisterMemory(fields("register_memory", body)?),
+            "lookup" => Self::Lookup(fields("lookup", body)?),
+            "save" => Self::Save(fields("save", body)?),
+            "load" => Self::Load(fields("load", body)?),
+            "release" => Self::Release(fields("release", body)?),
+            "stats" => Self::Stats(fields("stats", body)?),
+            _ => return Err(BodyError::UnknownOp(op)),
+        })
+    }
+
     /// Every operation name this build serves, as on the wire.
     pub const OPS: &'static [&'static str] =
         &["hello", "register_instance", "register_memory", "lookup", "save", "load", "release", "stats"];
@@ -658,6 +703,26 @@ mod tests {
         assert_eq!(e, FrameError::UnsupportedVersion { found: 2, request_id: 9 });
         assert!(!e.is_fatal());
         assert_eq!(frame_len(&bytes), Ok(Some(13)));
+    }
+
+    #[test]
+    fn decode_reads_every_op_like_the_tagged_enum() {
+        let requests = [
+            Request::Hello(Hello { protocol: 1, client: "c".into(), pid: 3 }),
+            Request::Lookup(Lookup { hashes: vec![BlockHashBytes::from(vec![1, 2, 3])] }),
+            Request::Save(Save { blocks: vec![SaveBlock { hash: BlockHashBytes::from(vec![9; 32]), block_id: 4 }] }),
+            Request::Load(Load { lease: 7, block_ids: vec![1, 2] }),
+            Request::Release(Release { lease: 7 }),
+            Request::Stats(StatsRequest {}),
+        ];
+        for r in requests {
+            let body = to_body(&r);
+            assert_eq!(Request::decode(&body).as_ref(), Ok(&r));
+            assert_eq!(from_body::<Request>(&body).unwrap(), r);
+        }
+        assert!(matches!(Request::decode(b"\x81\xa2op\xa3fly"), Err(BodyError::UnknownOp(op)) if op == "fly"));
+        assert!(matches!(Request::decode(b"\x81\xa2op\xa4load"), Err(BodyError::Malformed { op: "load", .. })));
+        assert!(matches!(Request::decode(b"\xc1"), Err(BodyError::NoOp(_))));
     }
 
     #[test]

@@ -19,12 +19,11 @@ use kvloft_engine::key::BlockHash;
 use kvloft_engine::limits::DEFAULT_LEASE_TTL_MS;
 use kvloft_engine::namespace::NamespaceId;
 use kvloft_engine::protocol::{
-    self, Done, ErrorCode, ErrorReply, Event, Frame, FrameError, FrameKind, HelloReply, LoadDone, LookupReply, Queued,
-    RegisterInstanceReply, RegisterMemoryReply, Reply, Request, SaveDone, StatsReply, LEN_BYTES, MAX_BATCH_BLOCKS,
-    MAX_FRAME_BYTES, MAX_HASH_BYTES, MAX_LAYERS, PROTOCOL_VERSION,
+    self, BodyError, Done, ErrorCode, ErrorReply, Event, Frame, FrameError, FrameKind, HelloReply, LoadDone,
+    LookupReply, Queued, RegisterInstanceReply, RegisterMemoryReply, Reply, Request, SaveDone, StatsReply, LEN_BYTES,
+    MAX_BATCH_BLOCKS, MAX_FRAME_BYTES, MAX_HASH_BYTES, MAX_LAYERS, PROTOCOL_VERSION,
 };
 use kvloft_gpu::host::HostMemory;
-use serde::Deserialize;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -413,20 +412,11 @@ fn block_hashes(hashes: Vec<protocol::BlockHashBytes>) -> Result<Vec<BlockHash>,
 
 /// Decodes a request body, telling an unknown operation from a malformed known one.
 fn parse_request(body: &[u8]) -> Result<Request, Failure> {
-    protocol::from_body::<Request>(body).map_err(|e| {
-        #[derive(Deserialize)]
-        struct OpOnly {
-            op: String,
-        }
-        match protocol::from_body::<OpOnly>(body) {
-            Ok(OpOnly { op }) if !Request::OPS.contains(&op.as_str()) => Failure(
-                ErrorCode::UnknownOp,
-                format!("unknown operation {op:?}; this server knows {}", Request::OPS.join(", ")),
-            ),
-            Ok(OpOnly { op }) => Failure(ErrorCode::BadRequest, format!("malformed `{op}` request: {e}")),
-            Err(_) => {
-                Failure(ErrorCode::BadRequest, format!("the body is not a MessagePack map with an \"op\" key: {e}"))
-            }
-        }
+    Request::decode(body).map_err(|e| {
+        let code = match e {
+            BodyError::UnknownOp(_) => ErrorCode::UnknownOp,
+            _ => ErrorCode::BadRequest,
+        };
+        Failure(code, e.to_string())
     })
 }
