@@ -129,7 +129,7 @@ impl Report {
             suite: suite.into(),
             machine: MachineInfo::current(),
             command: std::env::args().collect::<Vec<_>>().join(" "),
-            git_rev: option_env!("KVLOFT_GIT_REV").map(str::to_string).unwrap_or_else(git_rev),
+            git_rev: env!("KVLOFT_GIT_REV").to_string(),
             started_at: rfc3339_now(),
             cases: Vec::new(),
         }
@@ -140,16 +140,6 @@ impl Report {
         let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
         std::fs::write(path, text + "\n")
     }
-}
-
-fn git_rev() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// The current time as `YYYY-MM-DDTHH:MM:SSZ` (UTC), without a date crate.

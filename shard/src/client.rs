@@ -103,7 +103,9 @@ impl Client {
     }
 
     /// Registers this process's KV memory for `rank` (host backend); returns the slice size.
+    /// First grants the server access to this process's memory where Yama restricts ptrace.
     pub fn register_memory(&mut self, rank: u32, layers: Vec<LayerMemory>) -> Result<u64, ClientError> {
+        grant_access(self.server.pid);
         match self.call(&Request::RegisterMemory(RegisterMemory { rank, device: "cpu".into(), layers }))? {
             Reply::RegisterMemory(r) => Ok(r.slice_bytes),
             _ => Err(ClientError::UnexpectedReply("register_memory")),
@@ -243,5 +245,18 @@ fn server_error(body: &[u8]) -> ClientError {
     match protocol::from_body::<ErrorReply>(body) {
         Ok(e) => ClientError::Server { code: e.code, message: e.message },
         Err(e) => ClientError::Decode(e.to_string()),
+    }
+}
+
+/// Lets process `server_pid` read and write this process's memory (`prctl(PR_SET_PTRACER)`),
+/// which the host backend needs where Yama's `ptrace_scope` is 1. Without Yama the call fails
+/// with EINVAL and nothing is needed; other failures surface later as a copy error.
+fn grant_access(server_pid: u32) {
+    if server_pid == 0 {
+        return;
+    }
+    // SAFETY: PR_SET_PTRACER takes a pid as its only argument and touches no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_PTRACER, libc::c_ulong::from(server_pid), 0, 0, 0);
     }
 }

@@ -257,10 +257,13 @@ impl Connection {
                 format!("device {device:?} needs the CUDA backend, which this release does not have; register \"cpu\" memory"),
             ));
         }
-        if layers.is_empty() || layers.len() > MAX_LAYERS {
+        if layers.is_empty() {
+            return Err(Failure(ErrorCode::BadRequest, "register_memory needs at least one layer".into()));
+        }
+        if layers.len() > MAX_LAYERS {
             return Err(Failure(
                 ErrorCode::TooLarge,
-                format!("1 to {MAX_LAYERS} layers per registration, got {}", layers.len()),
+                format!("at most {MAX_LAYERS} layers per registration, got {}", layers.len()),
             ));
         }
         let mem = HostMemory::new(self.peer.pid, layers).map_err(|e| Failure(ErrorCode::BadRequest, e.to_string()))?;

@@ -76,8 +76,6 @@ pub(crate) enum InstanceOp {
 /// A request to a lease's home shard.
 #[derive(Debug)]
 pub(crate) enum LeaseOp {
-    /// Record a new lease.
-    Insert { lease: Lease },
     /// Rank `rank` of `instance` starts loading lease `id`: answer its namespace and hashes.
     BeginLoad {
         id: u64,
@@ -255,11 +253,6 @@ impl ShardCtx {
     /// Handles a lease operation on this shard as the lease's home.
     pub(crate) fn lease_op(self: &Rc<Self>, op: LeaseOp) {
         match op {
-            LeaseOp::Insert { lease } => {
-                if self.leases.borrow_mut().insert(lease).is_err() {
-                    eprintln!("kvloft: shard {}: lease table full, a lease was dropped", self.id);
-                }
-            }
             LeaseOp::BeginLoad { id, instance, rank, reply } => {
                 let now = self.now_ms();
                 let answer = match self.leases.borrow_mut().begin_load(id, &instance, rank, now) {
@@ -313,8 +306,18 @@ impl ShardCtx {
     /// Expires leases and pins past their time; runs every second.
     pub(crate) fn expire(&self) {
         let now = self.now_ms();
-        self.index.borrow_mut().expire(now);
-        self.leases.borrow_mut().expire(now);
+        // Each call drops a bounded batch; repeat while more are due (the batch bound keeps one
+        // call short, the loop keeps a burst of expiries from lingering past their time).
+        let mut index = self.index.borrow_mut();
+        while index.next_expiry_ms().is_some_and(|t| t <= now) {
+            index.expire(now);
+        }
+        let mut leases = self.leases.borrow_mut();
+        while leases.next_expiry_ms().is_some_and(|t| t <= now) {
+            if leases.expire(now).is_empty() {
+                break; // due leases with loads in flight are held back until those finish
+            }
+        }
     }
 
     /// Number of shards.
@@ -414,7 +417,12 @@ pub(crate) async fn lookup(
         return Ok((0, 0));
     }
     let record = Lease::new(lease, instance.to_string(), ns, hashes[..hits].to_vec(), ranks, expires_ms);
-    ctx.lease_op(LeaseOp::Insert { lease: record });
+    // The lease's home is this shard (its id says so). A full table serves the lookup as a miss:
+    // a lease nobody could load would only hold pins until expiry.
+    if ctx.leases.borrow_mut().insert(record).is_err() {
+        ctx.broadcast_unpin(lease);
+        return Ok((0, 0));
+    }
     Ok((hits as u32, lease))
 }
 
