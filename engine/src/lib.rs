@@ -16,6 +16,8 @@
 //! - [`rng`]: the crate's one source of deterministic pseudo-randomness.
 #![deny(unsafe_code)]
 
+/// Fuzz bodies shared by the cargo-fuzz targets in `fuzz/` and their stable smoke tests.
+pub mod fuzzing;
 pub mod index;
 pub mod key;
 pub mod lease;
