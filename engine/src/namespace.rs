@@ -19,8 +19,17 @@ const ENCODING_TAG: &[u8] = b"kvloft-ns-v1";
 pub const LAYOUTS: [&str; 4] = ["nhd", "hnd", "mla", "cross_layer"];
 
 /// A namespace's 128-bit id. Equal ids mean equal specs (up to a SHA-256 collision).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct NamespaceId(pub [u8; 16]);
+
+/// Two word writes instead of the byte-slice path: every index operation hashes this.
+impl std::hash::Hash for NamespaceId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let [lo, hi] = self.words();
+        state.write_u64(lo);
+        state.write_u64(hi);
+    }
+}
 
 /// Why a namespace spec was refused; each names the field and the fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,6 +78,15 @@ pub enum NamespaceError {
 }
 
 impl NamespaceId {
+    /// The id as two little-endian words, for hashing.
+    pub fn words(&self) -> [u64; 2] {
+        let mut lo = [0u8; 8];
+        let mut hi = [0u8; 8];
+        lo.copy_from_slice(&self.0[..8]);
+        hi.copy_from_slice(&self.0[8..]);
+        [u64::from_le_bytes(lo), u64::from_le_bytes(hi)]
+    }
+
     /// Validates `spec` and computes its id (see the module doc for the encoding).
     pub fn of(spec: &NamespaceSpec) -> Result<Self, NamespaceError> {
         validate(spec)?;

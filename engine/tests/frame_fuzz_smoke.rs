@@ -130,7 +130,7 @@ impl Gen {
                     })
                     .collect(),
             }),
-            3 => Request::Lookup(Lookup { hashes: (0..self.below(12)).map(|_| self.hash()).collect() }),
+            3 => Request::Lookup(Lookup { hashes: (0..self.below(12)).map(|_| self.hash()).collect(), packed: None }),
             4 => Request::Save(Save {
                 blocks: (0..self.below(8)).map(|_| SaveBlock { hash: self.hash(), block_id: self.u32() }).collect(),
             }),
@@ -476,7 +476,7 @@ fn request(id: u64, r: &Request) -> Vec<u8> {
 fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let hashes: Vec<BlockHashBytes> = (0..4u8).map(|i| BlockHashBytes::from(vec![i; 32])).collect();
     let hello = Request::Hello(Hello { protocol: 1, client: "kvloft-cli".into(), pid: 4242 });
-    let lookup = Request::Lookup(Lookup { hashes: hashes.clone() });
+    let lookup = Request::Lookup(Lookup { hashes: hashes.clone(), packed: None });
     let save = Request::Save(Save {
         blocks: hashes.iter().enumerate().map(|(i, h)| SaveBlock { hash: h.clone(), block_id: i as u32 }).collect(),
     });

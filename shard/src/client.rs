@@ -2,8 +2,8 @@
 
 use kvloft_engine::protocol::{
     self, BlockHashBytes, ErrorCode, ErrorReply, Event, FrameError, FrameKind, Hello, HelloReply, LayerMemory, Load,
-    LoadDone, Lookup, LookupReply, NamespaceSpec, RegisterInstance, RegisterInstanceReply, RegisterMemory, Release,
-    Reply, Request, Save, SaveBlock, SaveDone, StatsReply, StatsRequest, PROTOCOL_VERSION,
+    LoadDone, Lookup, LookupReply, NamespaceSpec, PackedHashes, RegisterInstance, RegisterInstanceReply,
+    RegisterMemory, Release, Reply, Request, Save, SaveBlock, SaveDone, StatsReply, StatsRequest, PROTOCOL_VERSION,
 };
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -114,8 +114,12 @@ impl Client {
 
     /// Leading hits among `hashes` and the lease pinning them.
     pub fn lookup(&mut self, hashes: &[Vec<u8>]) -> Result<LookupReply, ClientError> {
-        let hashes = hashes.iter().map(|h| BlockHashBytes::from(h.clone())).collect();
-        match self.call(&Request::Lookup(Lookup { hashes }))? {
+        // One packed byte string when the hashes share a length (the usual case).
+        let lookup = match PackedHashes::pack(hashes.iter().map(Vec::as_slice)) {
+            Some(packed) => Lookup { hashes: Vec::new(), packed: Some(packed) },
+            None => Lookup { hashes: hashes.iter().map(|h| BlockHashBytes::from(h.clone())).collect(), packed: None },
+        };
+        match self.call(&Request::Lookup(lookup))? {
             Reply::Lookup(r) => Ok(r),
             _ => Err(ClientError::UnexpectedReply("lookup")),
         }

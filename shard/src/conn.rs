@@ -181,7 +181,7 @@ impl Connection {
             Request::Stats(_) => self.stats().await.map(Reply::Stats),
             Request::RegisterInstance(r) => self.register_instance(r.instance, &r.namespace).await,
             Request::RegisterMemory(r) => self.register_memory(r.rank, &r.device, r.layers),
-            Request::Lookup(r) => self.lookup(r.hashes).await,
+            Request::Lookup(r) => self.lookup(r).await,
             Request::Save(r) => self.save(frame.request_id, r.blocks),
             Request::Load(r) => self.load(frame.request_id, r.lease, r.block_ids).await,
             Request::Release(r) => self.release(r.lease).await,
@@ -279,9 +279,21 @@ impl Connection {
         Ok(Reply::RegisterMemory(RegisterMemoryReply { slice_bytes }))
     }
 
-    async fn lookup(&self, hashes: Vec<protocol::BlockHashBytes>) -> Result<Reply, Failure> {
+    async fn lookup(&self, request: protocol::Lookup) -> Result<Reply, Failure> {
         let instance = self.instance()?;
-        let hashes = block_hashes(hashes)?;
+        let hashes = match &request.packed {
+            None => block_hashes(request.hashes)?,
+            Some(_) if !request.hashes.is_empty() => {
+                return Err(Failure(ErrorCode::BadRequest, "send hashes either as a list or packed, not both".into()))
+            }
+            Some(packed) => {
+                let chunks = packed.hashes().map_err(|e| Failure(ErrorCode::BadRequest, e))?;
+                if chunks.len() > MAX_BATCH_BLOCKS {
+                    return Err(too_many(chunks.len()));
+                }
+                chunks.enumerate().map(|(i, h)| block_hash(i, h)).collect::<Result<Vec<_>, _>>()?
+            }
+        };
         let (hits, lease) =
             store::lookup(&self.ctx, &instance.name, instance.ns, instance.ranks, hashes, DEFAULT_LEASE_TTL_MS).await?;
         if lease != 0 {
