@@ -24,6 +24,34 @@ pub struct TopologyFile {
     /// `[[shard]]` tables, in file order; empty means "place shards from discovery".
     #[serde(default, rename = "shard")]
     pub shards: Vec<Spanned<ShardSection>>,
+    /// `[calibration]`: copy curves measured by `kvloft bench calibrate`.
+    #[serde(default)]
+    pub calibration: Option<CalibrationSection>,
+}
+
+/// `[calibration]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CalibrationSection {
+    /// `[[calibration.copy]]` tables, in file order.
+    #[serde(default)]
+    pub copy: Vec<Spanned<CopyPointSection>>,
+}
+
+/// One `[[calibration.copy]]` table: a measured point of a copy curve.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CopyPointSection {
+    /// Copy method (`process_vm`, `memcpy`, `cuda_memcpy`, `cuda_memcpy_batch`, `cuda_kernel`).
+    pub method: Spanned<String>,
+    /// `d2h` (save) or `h2d` (load).
+    pub direction: Spanned<String>,
+    /// Bytes of one contiguous piece moved (a byte count or a size such as `"16KiB"`).
+    pub block_bytes: Spanned<ByteSize>,
+    /// Measured throughput, GB/s (10^9 bytes per second).
+    pub gbps: Spanned<f64>,
+    /// When it was measured, RFC 3339 UTC.
+    pub measured_at: Option<Spanned<String>>,
 }
 
 /// `[server]`.
@@ -114,7 +142,7 @@ fn key_at(text: &str, offset: usize) -> String {
 }
 
 /// The candidate within edit distance 3 of `word`, closest first.
-fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+pub(crate) fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
     candidates
         .iter()
         .map(|c| (edit_distance(word, c), *c))
@@ -199,6 +227,41 @@ ssd = "/mnt/nvme0/kvloft"
         let d = parse(&src("[memory]\npool-size = \"lots\"\n")).unwrap_err().0.remove(0);
         assert_eq!((d.line, d.key.as_str()), (Some(2), "pool-size"));
         assert!(d.fix.contains("16GiB"), "{}", d.fix);
+    }
+
+    #[test]
+    fn parses_calibration_points() {
+        let text = r#"
+[calibration]
+[[calibration.copy]]
+method = "process_vm"
+direction = "d2h"
+block-bytes = 16384
+gbps = 3.25
+measured-at = "2026-11-24T05:00:00Z"
+[[calibration.copy]]
+method = "memcpy"
+direction = "h2d"
+block-bytes = "1MiB"
+gbps = 7
+"#;
+        let f = parse(&src(text)).unwrap();
+        let copy = &f.calibration.unwrap().copy;
+        assert_eq!(copy.len(), 2);
+        let p = copy[0].get_ref();
+        assert_eq!((p.method.get_ref().as_str(), p.block_bytes.get_ref().as_u64()), ("process_vm", 16384));
+        assert_eq!(*p.gbps.get_ref(), 3.25);
+        assert_eq!(copy[1].get_ref().block_bytes.get_ref().as_u64(), 1 << 20);
+        assert_eq!(*copy[1].get_ref().gbps.get_ref(), 7.0);
+        assert!(copy[1].get_ref().measured_at.is_none());
+    }
+
+    #[test]
+    fn misspelt_calibration_key_is_rejected() {
+        let text = "[[calibration.copy]]\nmethod = \"memcpy\"\ndirection = \"d2h\"\nblock-byte = 4096\ngbps = 1.0\n";
+        let d = parse(&src(text)).unwrap_err().0.remove(0);
+        assert_eq!(d.line, Some(4));
+        assert!(d.fix.contains("`block-bytes`"), "{}", d.fix);
     }
 
     #[test]

@@ -75,7 +75,108 @@ pub struct Topology {
     pub reserved_cores: Vec<CpuId>,
     /// The shards, shard id = position.
     pub shards: Vec<ShardSpec>,
+    /// This machine's measured copy curves (`[[calibration.copy]]`, written by
+    /// `kvloft bench calibrate`), sorted by method, direction and block size; empty when the file
+    /// has none.
+    pub calibration: Vec<CopyCurvePoint>,
 }
+
+/// How a copy between inference-engine memory and pool pages is done: the methods a copy planner
+/// chooses among, and whose speed `kvloft bench calibrate` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CopyMethod {
+    /// `host` backend: `process_vm_readv`/`process_vm_writev` with one range per block segment.
+    ProcessVm,
+    /// A CPU `memcpy` per block (shared memory between the engine and the pool).
+    Memcpy,
+    /// `cuda` backend: one `cuMemcpyAsync` per block segment.
+    CudaMemcpy,
+    /// `cuda` backend: `cuMemcpyBatchAsync` over the whole batch.
+    CudaMemcpyBatch,
+    /// `cuda` backend: a gather/scatter kernel over mapped pinned memory.
+    CudaKernel,
+}
+
+impl CopyMethod {
+    /// Every method, in the order the file lists them.
+    pub const ALL: [CopyMethod; 5] = [
+        CopyMethod::ProcessVm,
+        CopyMethod::Memcpy,
+        CopyMethod::CudaMemcpy,
+        CopyMethod::CudaMemcpyBatch,
+        CopyMethod::CudaKernel,
+    ];
+
+    /// The name used in the topology file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyMethod::ProcessVm => "process_vm",
+            CopyMethod::Memcpy => "memcpy",
+            CopyMethod::CudaMemcpy => "cuda_memcpy",
+            CopyMethod::CudaMemcpyBatch => "cuda_memcpy_batch",
+            CopyMethod::CudaKernel => "cuda_kernel",
+        }
+    }
+
+    /// The method named `name` in the file.
+    pub fn parse(name: &str) -> Option<CopyMethod> {
+        CopyMethod::ALL.into_iter().find(|m| m.as_str() == name)
+    }
+}
+
+/// Which way a copy goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CopyDirection {
+    /// Save: inference-engine memory (device, or the CPU engine's memory) to pool pages.
+    D2h,
+    /// Load: pool pages to inference-engine memory.
+    H2d,
+}
+
+impl CopyDirection {
+    /// The name used in the topology file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyDirection::D2h => "d2h",
+            CopyDirection::H2d => "h2d",
+        }
+    }
+
+    /// The direction named `name` in the file.
+    pub fn parse(name: &str) -> Option<CopyDirection> {
+        [CopyDirection::D2h, CopyDirection::H2d].into_iter().find(|d| d.as_str() == name)
+    }
+}
+
+/// One measured point of a copy curve: scattered blocks of `block_bytes` moved by `method` in
+/// `direction` ran at `gbps`.
+///
+/// Equality compares `gbps` bit for bit, so that it is an equivalence (validation rejects NaN).
+#[derive(Debug, Clone)]
+pub struct CopyCurvePoint {
+    /// The copy method.
+    pub method: CopyMethod,
+    /// Save or load.
+    pub direction: CopyDirection,
+    /// Bytes of one contiguous piece (one block segment) moved.
+    pub block_bytes: u64,
+    /// Throughput, 10^9 bytes per second; finite and positive.
+    pub gbps: f64,
+    /// When it was measured, RFC 3339 UTC (`2026-11-24T05:12:09Z`), when known.
+    pub measured_at: Option<String>,
+}
+
+impl PartialEq for CopyCurvePoint {
+    fn eq(&self, other: &Self) -> bool {
+        self.method == other.method
+            && self.direction == other.direction
+            && self.block_bytes == other.block_bytes
+            && self.gbps.to_bits() == other.gbps.to_bits()
+            && self.measured_at == other.measured_at
+    }
+}
+
+impl Eq for CopyCurvePoint {}
 
 impl Topology {
     /// Pool bytes per NUMA node that carries at least one shard.
@@ -106,6 +207,34 @@ impl Topology {
     pub fn pool_bytes(&self) -> u64 {
         (0..self.shards.len()).map(|i| self.shard_pool_bytes(i)).sum()
     }
+
+    /// The calibrated throughput of `method` in `direction` for pieces of `block_bytes`, GB/s:
+    /// interpolated linearly in log2(block size) between the two nearest measured sizes, and the
+    /// nearest measured figure outside the measured range. `None` when the method was not
+    /// calibrated in that direction.
+    pub fn copy_gbps(&self, method: CopyMethod, direction: CopyDirection, block_bytes: u64) -> Option<f64> {
+        let mut curve: Vec<(u64, f64)> = self
+            .calibration
+            .iter()
+            .filter(|p| p.method == method && p.direction == direction && p.block_bytes > 0)
+            .map(|p| (p.block_bytes, p.gbps))
+            .collect();
+        curve.sort_by_key(|&(b, _)| b);
+        let (first, last) = (*curve.first()?, *curve.last()?);
+        if block_bytes <= first.0 {
+            return Some(first.1);
+        }
+        if block_bytes >= last.0 {
+            return Some(last.1);
+        }
+        let hi = curve.iter().position(|&(b, _)| b >= block_bytes)?;
+        let ((b0, g0), (b1, g1)) = (curve[hi - 1], curve[hi]);
+        if b1 == block_bytes {
+            return Some(g1);
+        }
+        let x = ((block_bytes as f64).log2() - (b0 as f64).log2()) / ((b1 as f64).log2() - (b0 as f64).log2());
+        Some(g0 + (g1 - g0) * x)
+    }
 }
 
 #[cfg(test)]
@@ -122,6 +251,7 @@ mod tests {
             memory: MemorySpec { pool, hugepages: false },
             reserved_cores: vec![],
             shards,
+            calibration: vec![],
         }
     }
 
@@ -140,5 +270,36 @@ mod tests {
         let t = topo(PoolSize::PerNode(per), vec![shard(0, 0), shard(1, 0), shard(2, 0), shard(3, 1)]);
         assert_eq!(t.shard_pool_bytes(1), 2 << 30);
         assert_eq!(t.shard_pool_bytes(3), 1 << 30);
+    }
+
+    fn point(method: CopyMethod, direction: CopyDirection, block_bytes: u64, gbps: f64) -> CopyCurvePoint {
+        CopyCurvePoint { method, direction, block_bytes, gbps, measured_at: None }
+    }
+
+    #[test]
+    fn copy_curve_interpolates_in_log_block_size() {
+        let mut t = topo(PoolSize::Total(1 << 30), vec![shard(0, 0)]);
+        t.calibration = vec![
+            point(CopyMethod::ProcessVm, CopyDirection::D2h, 64 << 10, 6.0),
+            point(CopyMethod::ProcessVm, CopyDirection::D2h, 4 << 10, 2.0),
+            point(CopyMethod::ProcessVm, CopyDirection::H2d, 4 << 10, 1.0),
+        ];
+        let g = |b| t.copy_gbps(CopyMethod::ProcessVm, CopyDirection::D2h, b).unwrap();
+        assert_eq!(g(1024), 2.0);
+        assert_eq!(g(4 << 10), 2.0);
+        assert!((g(16 << 10) - 4.0).abs() < 1e-9, "{}", g(16 << 10));
+        assert_eq!(g(64 << 10), 6.0);
+        assert_eq!(g(1 << 30), 6.0);
+        assert_eq!(t.copy_gbps(CopyMethod::ProcessVm, CopyDirection::H2d, 1 << 20), Some(1.0));
+        assert_eq!(t.copy_gbps(CopyMethod::Memcpy, CopyDirection::D2h, 4096), None);
+    }
+
+    #[test]
+    fn copy_method_names_round_trip() {
+        for m in CopyMethod::ALL {
+            assert_eq!(CopyMethod::parse(m.as_str()), Some(m));
+        }
+        assert_eq!(CopyDirection::parse("h2d"), Some(CopyDirection::H2d));
+        assert_eq!(CopyMethod::parse("dma"), None);
     }
 }

@@ -1,7 +1,7 @@
 //! Writes a topology as a commented, ready-to-edit TOML file (`kvloft topology`).
 
 use crate::machine::{compact_list, DiskKind, Machine, NicKind};
-use crate::model::{default_socket, PoolSize, Topology, DEFAULT_SOCKET};
+use crate::model::{default_socket, CopyCurvePoint, PoolSize, Topology, DEFAULT_SOCKET};
 use crate::placement::Placement;
 use bytesize::ByteSize;
 use std::fmt::Write;
@@ -144,7 +144,86 @@ pub fn render(machine: &Machine, topology: &Topology, placement: Option<&Placeme
         }
         let _ = writeln!(w);
     }
+    if !topology.calibration.is_empty() {
+        out.push_str(&calibration_section(&topology.calibration));
+    }
     out
+}
+
+/// First line of the section [`calibration_section`] writes.
+pub const CALIBRATION_HEADER: &str =
+    "# Copy curves of this machine, measured by `kvloft bench calibrate` (GB/s = 10^9 bytes/s, by";
+
+/// The `[calibration]` section for `points`: a comment, `[calibration]`, and one
+/// `[[calibration.copy]]` table per point, in the order given.
+pub fn calibration_section(points: &[CopyCurvePoint]) -> String {
+    let mut out = String::new();
+    let w = &mut out;
+    let _ = writeln!(w, "{CALIBRATION_HEADER}");
+    let _ = writeln!(w, "# method, direction and block size); the copy planner reads them. Measure again and rewrite");
+    let _ = writeln!(w, "# this section with `kvloft bench calibrate --config FILE --write`.");
+    let _ = writeln!(w, "[calibration]");
+    for p in points {
+        let _ = writeln!(w);
+        let _ = writeln!(w, "[[calibration.copy]]");
+        let _ = writeln!(w, "method = {}", quote(p.method.as_str()));
+        let _ = writeln!(w, "direction = {}", quote(p.direction.as_str()));
+        let _ = writeln!(w, "block-bytes = {}", p.block_bytes);
+        let _ = writeln!(w, "gbps = {}", toml::Value::Float(p.gbps));
+        if let Some(t) = &p.measured_at {
+            let _ = writeln!(w, "measured-at = {}", quote(t));
+        }
+    }
+    out
+}
+
+/// `text` (a topology file) with its calibration tables (`[calibration]`, `[calibration.*]`,
+/// `[[calibration.*]]`, each with its key lines and the comment lines right above its header)
+/// removed wherever they are, and `section` appended after one blank line. Everything else is
+/// kept byte for byte. Callers parse the result to make sure it is still a valid file.
+pub fn replace_calibration(text: &str, section: &str) -> String {
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let mut keep = vec![true; lines.len()];
+    let mut inside = false;
+    for (i, line) in lines.iter().enumerate() {
+        if let Some(name) = table_header(line) {
+            inside = name == "calibration" || name.starts_with("calibration.");
+            if inside {
+                // The comment block directly above the header belongs to it.
+                let mut j = i;
+                while j > 0 && keep[j - 1] && lines[j - 1].trim_start().starts_with('#') {
+                    j -= 1;
+                    keep[j] = false;
+                }
+            }
+        }
+        if inside {
+            keep[i] = false;
+        }
+    }
+    let mut out: String = lines.iter().zip(&keep).filter(|(_, k)| **k).map(|(l, _)| *l).collect();
+    let trimmed = out.trim_end().len();
+    out.truncate(trimmed);
+    if !out.is_empty() {
+        out.push_str("\n\n");
+    }
+    out.push_str(section);
+    out
+}
+
+/// The table name of a `[name]` or `[[name]]` header line (spaces around the name and a trailing
+/// comment allowed), `None` for any other line.
+fn table_header(line: &str) -> Option<String> {
+    let t = line.trim();
+    let inner = t.strip_prefix("[[").map(|r| (r, "]]")).or_else(|| t.strip_prefix('[').map(|r| (r, "]")));
+    let (rest, close) = inner?;
+    let end = rest.find(close)?;
+    let after = rest[end + close.len()..].trim_start();
+    if !(after.is_empty() || after.starts_with('#')) {
+        return None;
+    }
+    let name: String = rest[..end].split('.').map(|part| part.trim().trim_matches('"')).collect::<Vec<_>>().join(".");
+    Some(name)
 }
 
 /// A size as the shortest exact TOML string: `"8GiB"`, `"512MiB"`, or a byte count.
@@ -201,6 +280,80 @@ mod tests {
         let text = render(&m, &checked.topology, Some(&placement::place(&m, &BTreeSet::new())));
         assert!(text.contains("# ssd = \"/mnt/nvme0/kvloft\"   # on nvme0n1"), "{text}");
         assert!(text.contains("#   GPU 7: NVIDIA H100 80GB HBM3 at"), "{text}");
+    }
+
+    fn calibrated(machine: &Machine) -> Topology {
+        use crate::model::{CopyDirection, CopyMethod};
+        let mut t = validate::embedded_default(machine).unwrap().topology;
+        let at = Some("2026-11-24T05:00:00Z".to_string());
+        t.calibration = vec![
+            CopyCurvePoint {
+                method: CopyMethod::ProcessVm,
+                direction: CopyDirection::D2h,
+                block_bytes: 4096,
+                gbps: 1.0,
+                measured_at: at.clone(),
+            },
+            CopyCurvePoint {
+                method: CopyMethod::ProcessVm,
+                direction: CopyDirection::D2h,
+                block_bytes: 16384,
+                gbps: 3.217,
+                measured_at: at,
+            },
+            CopyCurvePoint {
+                method: CopyMethod::Memcpy,
+                direction: CopyDirection::H2d,
+                block_bytes: 1 << 20,
+                gbps: 0.1 + 0.2,
+                measured_at: None,
+            },
+        ];
+        t
+    }
+
+    #[test]
+    fn calibration_round_trips() {
+        let m = synthetic::small_vm();
+        let t = calibrated(&m);
+        let text = render(&m, &t, None);
+        let table = "[[calibration.copy]]\nmethod = \"process_vm\"\ndirection = \"d2h\"\nblock-bytes = 16384\n\
+                     gbps = 3.217\nmeasured-at = \"2026-11-24T05:00:00Z\"\n";
+        assert!(text.contains(table), "{text}");
+        let again = validate::check(&Source { path: Path::new("gen.toml"), text: &text }, &m)
+            .unwrap_or_else(|e| panic!("{e}\n---\n{text}"));
+        assert_eq!(again.topology, t, "{text}");
+    }
+
+    #[test]
+    fn replacing_calibration_keeps_the_rest() {
+        let m = synthetic::small_vm();
+        let t = calibrated(&m);
+        let section = calibration_section(&t.calibration);
+        let user =
+            "# my notes\nreserved-cores = [] # keep\n\n[memory]\npool-size = \"1GiB\"\n# about memory\nhugepages = false\n";
+        // Appended to a file without a section, then replaced in place: the rest stays byte for byte.
+        let once = replace_calibration(user, &section);
+        assert_eq!(once, format!("{}\n\n{section}", user.trim_end()));
+        let twice = replace_calibration(&once, &section);
+        assert_eq!(twice, once);
+        // A section in the middle, with its own comments and a sub-table, is moved to the end.
+        let middle = "reserved-cores = []\n\n# old curves\n[calibration]\n[[calibration.copy]]\nmethod = \"memcpy\"\n\
+                      direction = \"d2h\"\nblock-bytes = 1\ngbps = 1.0\n\n[[ \"calibration\" . copy ]]\n\n\
+                      [memory] # the pool\npool-size = \"1GiB\"\n";
+        let out = replace_calibration(middle, &section);
+        assert_eq!(out, format!("reserved-cores = []\n\n[memory] # the pool\npool-size = \"1GiB\"\n\n{section}"));
+        let checked = validate::check(&Source { path: Path::new("r.toml"), text: &out }, &m).unwrap();
+        assert_eq!(checked.topology.calibration, t.calibration);
+        assert_eq!(replace_calibration("", &section), section);
+    }
+
+    #[test]
+    fn table_headers_are_recognised() {
+        assert_eq!(table_header("[calibration]\n").as_deref(), Some("calibration"));
+        assert_eq!(table_header("  [[ calibration.copy ]] # x").as_deref(), Some("calibration.copy"));
+        assert_eq!(table_header("reserved-cores = [0]"), None);
+        assert_eq!(table_header("[0, 1]"), Some("0, 1".into()));
     }
 
     #[test]

@@ -4,7 +4,10 @@
 use crate::diagnostic::{Diagnostic, Diagnostics, Severity, Source};
 use crate::file::{self, TopologyFile};
 use crate::machine::{compact_list, CpuId, Machine, NodeId};
-use crate::model::{default_socket, MemorySpec, PoolSize, ServerSpec, ShardSpec, Topology, DEFAULT_METRICS_ADDR};
+use crate::model::{
+    default_socket, CopyCurvePoint, CopyDirection, CopyMethod, MemorySpec, PoolSize, ServerSpec, ShardSpec, Topology,
+    DEFAULT_METRICS_ADDR,
+};
 use crate::placement;
 use bytesize::ByteSize;
 use serde_spanned::Spanned;
@@ -134,9 +137,97 @@ impl Validator<'_> {
             pool: PoolSize::Total(default_pool_bytes(self.machine)),
             hugepages: file.memory.as_ref().and_then(|m| m.hugepages.as_ref()).is_some_and(|h| *h.get_ref()),
         };
-        let mut topology = Topology { server, memory, reserved_cores: reserved, shards };
+        let mut topology = Topology { server, memory, reserved_cores: reserved, shards, calibration: Vec::new() };
         self.memory(file, &mut topology);
+        topology.calibration = self.calibration(file);
         topology
+    }
+
+    /// The `[[calibration.copy]]` points: known method and direction, a positive block size, a
+    /// finite positive GB/s figure, one point per (method, direction, block size). Sorted by those.
+    fn calibration(&mut self, file: &TopologyFile) -> Vec<CopyCurvePoint> {
+        let Some(section) = &file.calibration else { return Vec::new() };
+        let mut out: Vec<CopyCurvePoint> = Vec::new();
+        let mut seen: BTreeMap<(CopyMethod, CopyDirection, u64), usize> = BTreeMap::new();
+        for (i, table) in section.copy.iter().enumerate() {
+            let p = table.get_ref();
+            let key = |k: &str| format!("calibration.copy[{i}].{k}");
+            let mut ok = true;
+            let method = CopyMethod::parse(p.method.get_ref());
+            if method.is_none() {
+                ok = false;
+                let names: Vec<&str> = CopyMethod::ALL.iter().map(|m| m.as_str()).collect();
+                let fix = match file::closest(p.method.get_ref(), &names) {
+                    Some(best) => format!("did you mean \"{best}\"? Methods: {}", names.join(", ")),
+                    None => format!("use one of: {}", names.join(", ")),
+                };
+                self.error(
+                    p.method.span(),
+                    key("method"),
+                    format!("unknown copy method {:?}", p.method.get_ref()),
+                    fix,
+                );
+            }
+            let direction = CopyDirection::parse(p.direction.get_ref());
+            if direction.is_none() {
+                ok = false;
+                self.error(
+                    p.direction.span(),
+                    key("direction"),
+                    format!("unknown copy direction {:?}", p.direction.get_ref()),
+                    "write \"d2h\" (save: engine memory to pool) or \"h2d\" (load: pool to engine memory)",
+                );
+            }
+            let block_bytes = p.block_bytes.get_ref().as_u64();
+            if block_bytes == 0 {
+                ok = false;
+                self.error(
+                    p.block_bytes.span(),
+                    key("block-bytes"),
+                    "block-bytes is 0",
+                    "give the size of one copied piece in bytes, such as 16384",
+                );
+            }
+            let gbps = *p.gbps.get_ref();
+            if !gbps.is_finite() || gbps <= 0.0 {
+                ok = false;
+                self.error(
+                    p.gbps.span(),
+                    key("gbps"),
+                    format!("gbps is {gbps}; a measured throughput is a positive number"),
+                    "rerun `kvloft bench calibrate --config FILE --write`, or remove this table",
+                );
+            }
+            let measured_at = p.measured_at.as_ref().map(|t| {
+                if !looks_like_rfc3339(t.get_ref()) {
+                    self.warn(
+                        t.span(),
+                        key("measured-at"),
+                        format!("measured-at {:?} is not an RFC 3339 UTC time", t.get_ref()),
+                        "write it like \"2026-11-24T05:12:09Z\"",
+                    );
+                }
+                t.get_ref().clone()
+            });
+            let (Some(method), Some(direction), true) = (method, direction, ok) else { continue };
+            if let Some(first) = seen.insert((method, direction, block_bytes), i) {
+                let line = self.source.line_col(section.copy[first].get_ref().method.span().start).0;
+                self.error(
+                    p.block_bytes.span(),
+                    key("block-bytes"),
+                    format!(
+                        "calibration.copy[{first}] (line {line}) already gives {} {} at {block_bytes} bytes",
+                        method.as_str(),
+                        direction.as_str()
+                    ),
+                    "keep one table per method, direction and block size",
+                );
+                continue;
+            }
+            out.push(CopyCurvePoint { method, direction, block_bytes, gbps, measured_at });
+        }
+        out.sort_by_key(|p| (p.method, p.direction, p.block_bytes));
+        out
     }
 
     fn reserved(&mut self, file: &TopologyFile) -> Vec<CpuId> {
@@ -431,6 +522,25 @@ pub fn parse_metrics_addr(text: &str) -> Result<Option<SocketAddr>, String> {
     text.parse::<SocketAddr>().map(Some).map_err(|e| format!("{text:?} is not a socket address: {e}"))
 }
 
+/// `YYYY-MM-DDTHH:MM:SS` followed by `Z`, fractional seconds or an offset.
+fn looks_like_rfc3339(t: &str) -> bool {
+    let b = t.as_bytes();
+    let digits = |r: std::ops::Range<usize>| r.into_iter().all(|i| b.get(i).is_some_and(u8::is_ascii_digit));
+    b.len() >= 20
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && matches!(b[10], b'T' | b't')
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19)
+        && matches!(b[19], b'Z' | b'z' | b'.' | b'+' | b'-')
+}
+
 fn is_block_device(m: &std::fs::Metadata) -> bool {
     use std::os::unix::fs::FileTypeExt;
     m.file_type().is_block_device()
@@ -551,6 +661,57 @@ mod tests {
         let c = run("[server]\nmetrics-addr = \"off\"\nsocket = \"/tmp/x.sock\"\n", &synthetic::small_vm()).unwrap();
         assert_eq!(c.topology.server.metrics_addr, None);
         assert_eq!(c.topology.server.socket, Path::new("/tmp/x.sock"));
+    }
+
+    const POINT: &str = "[[calibration.copy]]\nmethod = \"process_vm\"\ndirection = \"d2h\"\nblock-bytes = 16384\n\
+                         gbps = 3.5\nmeasured-at = \"2026-11-24T05:00:00Z\"\n";
+
+    #[test]
+    fn calibration_points_are_checked_and_sorted() {
+        let text = format!(
+            "{POINT}[[calibration.copy]]\nmethod = \"memcpy\"\ndirection = \"h2d\"\nblock-bytes = \"4KiB\"\ngbps = 5\n"
+        );
+        let c = run(&text, &synthetic::small_vm()).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let cal = &c.topology.calibration;
+        assert_eq!(cal.len(), 2);
+        assert_eq!(
+            (cal[0].method, cal[0].direction, cal[0].block_bytes),
+            (CopyMethod::ProcessVm, CopyDirection::D2h, 16384)
+        );
+        assert_eq!(cal[0].measured_at.as_deref(), Some("2026-11-24T05:00:00Z"));
+        assert_eq!((cal[1].method, cal[1].block_bytes, cal[1].gbps), (CopyMethod::Memcpy, 4096, 5.0));
+        assert!(run("", &synthetic::small_vm()).unwrap().topology.calibration.is_empty());
+        assert!(run("[calibration]\n", &synthetic::small_vm()).unwrap().topology.calibration.is_empty());
+    }
+
+    #[test]
+    fn bad_calibration_points_name_key_and_fix() {
+        let m = synthetic::small_vm();
+        let e = errors(&POINT.replace("process_vm", "process-vm"), &m);
+        assert_eq!((e[0].line, e[0].key.as_str()), (Some(2), "calibration.copy[0].method"));
+        assert!(e[0].fix.starts_with("did you mean \"process_vm\"?"), "{}", e[0].fix);
+        let e = errors(&POINT.replace("\"d2h\"", "\"up\""), &m);
+        assert_eq!(e[0].key, "calibration.copy[0].direction");
+        let e = errors(&POINT.replace("3.5", "-1.0"), &m);
+        assert_eq!((e[0].line, e[0].key.as_str()), (Some(5), "calibration.copy[0].gbps"));
+        assert!(e[0].message.contains("positive"), "{}", e[0].message);
+        assert_eq!(errors(&POINT.replace("3.5", "0"), &m)[0].key, "calibration.copy[0].gbps");
+        assert_eq!(errors(&POINT.replace("3.5", "nan"), &m)[0].key, "calibration.copy[0].gbps");
+        assert_eq!(errors(&POINT.replace("16384", "0"), &m)[0].key, "calibration.copy[0].block-bytes");
+        let e = errors(&format!("{POINT}{POINT}"), &m);
+        assert_eq!((e.len(), e[0].key.as_str()), (1, "calibration.copy[1].block-bytes"));
+        assert!(e[0].message.contains("calibration.copy[0] (line 2)"), "{}", e[0].message);
+        let w = run(&POINT.replace("2026-11-24T05:00:00Z", "yesterday"), &m).unwrap().warnings;
+        assert_eq!(w[0].key, "calibration.copy[0].measured-at");
+    }
+
+    #[test]
+    fn rfc3339_shapes() {
+        assert!(looks_like_rfc3339("2026-11-24T05:12:09Z"));
+        assert!(looks_like_rfc3339("2026-11-24T05:12:09.5+01:00"));
+        assert!(!looks_like_rfc3339("2026-11-24 05:12"));
+        assert!(!looks_like_rfc3339(""));
     }
 
     #[test]
