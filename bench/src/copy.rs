@@ -528,6 +528,28 @@ struct DirectPhase {
     arena_notes: Vec<String>,
 }
 
+/// The chart of a d2h or h2d report: GB/s and p99 per batch size, one line per block size, one
+/// chart per path (server, direct) and ceiling.
+pub fn plot_spec(report: &Report) -> crate::plot::PlotSpec {
+    use crate::plot::{Figure, PlotSpec, Row};
+    PlotSpec {
+        title: format!(
+            "kvloft bench {}: scattered KV blocks through the host backend ({}, {})",
+            report.suite, report.machine.hostname, report.started_at
+        ),
+        x_param: "batch".into(),
+        x_label: "blocks per batch".into(),
+        x_log2: true,
+        group_by: vec!["block_bytes".into()],
+        legend_title: "bytes per K/V segment".into(),
+        panel_by: vec!["path".into(), "method".into()],
+        rows: vec![
+            Row { figures: vec![Figure::Gbps], y_log: false, y_label: "GB/s".into() },
+            Row { figures: vec![Figure::P99Us], y_log: true, y_label: "p99 per batch (µs)".into() },
+        ],
+    }
+}
+
 /// Runs one geometry: the direct phase and the ceilings on the measuring thread, then the server
 /// path (its server started from the calling thread, so that it does not inherit the pinning).
 fn run_case(opts: &CopyOptions, place: &ThreadPlacement, g: Geometry) -> Result<Vec<Case>, CopyError> {
@@ -903,6 +925,10 @@ pub struct CopyArgs {
     /// Where to write the JSON result [default: bench-d2h.json or bench-h2d.json].
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Also writes a chart: GB/s and p99 against batch size, per path and block size
+    /// (`.svg` or `.png`).
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
 }
 
 impl CopyArgs {
@@ -939,6 +965,10 @@ pub fn main(direction: CopyDirection, args: &CopyArgs, exe: PathBuf) -> Result<(
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("bench-{}.json", direction.as_str())));
     let run = run(&args.options(direction, exe))?;
     run.report.write(&out).map_err(|source| CopyError::Write { path: out.clone(), source })?;
+    if let Some(path) = &args.plot {
+        crate::plot::plot(&run.report, &plot_spec(&run.report), path).map_err(|e| CopyError::Invalid(e.to_string()))?;
+        println!("wrote {}", path.display());
+    }
     println!("wrote {} ({} cases, {:.1} s)", out.display(), run.report.cases.len(), started.elapsed().as_secs_f64());
     Ok(())
 }
