@@ -105,8 +105,8 @@ pub struct CopyOptions {
     pub direction: CopyDirection,
     /// Bytes per layer per K/V segment of one block, one case group each.
     pub block_bytes: Vec<u64>,
-    /// Layers of the fake KV cache.
-    pub layers: u32,
+    /// Layer counts of the fake KV cache, one case group each.
+    pub layers: Vec<u32>,
     /// Blocks per batch, one case each.
     pub batches: Vec<usize>,
     /// Timed rounds per case; `None` picks them so each path moves about
@@ -134,7 +134,7 @@ impl CopyOptions {
         Self {
             direction,
             block_bytes: DEFAULT_BLOCK_BYTES.to_vec(),
-            layers: DEFAULT_LAYERS,
+            layers: vec![DEFAULT_LAYERS],
             batches: DEFAULT_BATCHES.to_vec(),
             repetitions: None,
             warmup: 2,
@@ -167,7 +167,8 @@ pub fn backend_note(gpus: &[String]) -> String {
 
 /// Runs the `d2h` or `h2d` suite.
 pub fn run(opts: &CopyOptions) -> Result<CopyRun, CopyError> {
-    if opts.layers == 0 || opts.block_bytes.contains(&0) || opts.batches.contains(&0) {
+    if opts.layers.is_empty() || opts.layers.contains(&0) || opts.block_bytes.contains(&0) || opts.batches.contains(&0)
+    {
         return Err(CopyError::Invalid("--layers, --block-bytes and --batch must be positive".into()));
     }
     if opts.repetitions == Some(0) {
@@ -192,41 +193,43 @@ pub fn run(opts: &CopyOptions) -> Result<CopyRun, CopyError> {
         );
     }
     let (mut arena_noted, mut server_noted) = (false, false);
-    for &block_bytes in &opts.block_bytes {
-        for &batch in &opts.batches {
-            let geometry = Geometry { layers: opts.layers, block_bytes: block_bytes as usize, batch };
-            let total = geometry.batch_bytes();
-            if total > opts.max_batch_bytes || geometry.batch > kvloft_gpu::host::MAX_ITEMS {
-                let note = format!(
-                    "skipped {}: a batch of {} blocks of {} is {} bytes, over --max-batch-bytes {}",
-                    geometry.label(suite, "*"),
-                    batch,
-                    size_label(block_bytes),
-                    total,
-                    opts.max_batch_bytes
-                );
-                say(&note);
-                notes.push(note);
-                continue;
-            }
-            let cases = run_case(opts, &place, geometry)?;
-            // Arena and server remarks (hugepage fallback, NUMA binding): printed once per run.
-            for (key, seen) in [("arena_notes", &mut arena_noted), ("server_notes", &mut server_noted)] {
-                let found = cases.iter().find_map(|c| c.params.get(key)).and_then(serde_json::Value::as_array);
-                if let (false, Some(lines)) = (*seen, found) {
-                    *seen = true;
-                    for line in lines.iter().filter_map(serde_json::Value::as_str) {
-                        let line = format!("{}: {line}", if key == "arena_notes" { "arena" } else { "server" });
-                        say(&line);
-                        notes.push(line);
-                    }
+    let geometries = opts.layers.iter().flat_map(|&layers| {
+        opts.block_bytes.iter().flat_map(move |&block_bytes| {
+            opts.batches.iter().map(move |&batch| Geometry { layers, block_bytes: block_bytes as usize, batch })
+        })
+    });
+    for geometry in geometries {
+        let total = geometry.batch_bytes();
+        if total > opts.max_batch_bytes || geometry.batch > kvloft_gpu::host::MAX_ITEMS {
+            let note = format!(
+                "skipped {}: a batch of {} blocks of {} is {} bytes, over --max-batch-bytes {}",
+                geometry.label(suite, "*"),
+                geometry.batch,
+                size_label(geometry.block_bytes as u64),
+                total,
+                opts.max_batch_bytes
+            );
+            say(&note);
+            notes.push(note);
+            continue;
+        }
+        let cases = run_case(opts, &place, geometry)?;
+        // Arena and server remarks (hugepage fallback, NUMA binding): printed once per run.
+        for (key, seen) in [("arena_notes", &mut arena_noted), ("server_notes", &mut server_noted)] {
+            let found = cases.iter().find_map(|c| c.params.get(key)).and_then(serde_json::Value::as_array);
+            if let (false, Some(lines)) = (*seen, found) {
+                *seen = true;
+                for line in lines.iter().filter_map(serde_json::Value::as_str) {
+                    let line = format!("{}: {line}", if key == "arena_notes" { "arena" } else { "server" });
+                    say(&line);
+                    notes.push(line);
                 }
             }
-            for c in &cases {
-                say(&case_line(c));
-            }
-            report.cases.extend(cases);
         }
+        for c in &cases {
+            say(&case_line(c));
+        }
+        report.cases.extend(cases);
     }
     Ok(CopyRun { report, notes })
 }
@@ -898,9 +901,10 @@ pub struct CopyArgs {
     /// [default: 4K,16K,64K].
     #[arg(long, value_name = "SIZES", value_delimiter = ',', value_parser = parse_size)]
     pub block_bytes: Vec<u64>,
-    /// Layers of the fake KV cache (a block's slice is 2 * layers * block bytes).
-    #[arg(long, default_value_t = DEFAULT_LAYERS)]
-    pub layers: u32,
+    /// Layers of the fake KV cache (a block's slice is 2 * layers * block bytes), comma-separated
+    /// for a sweep [default: 32].
+    #[arg(long, value_name = "COUNTS", value_delimiter = ',')]
+    pub layers: Vec<u32>,
     /// Blocks per batch, comma-separated for a sweep [default: 64,256,1024].
     #[arg(long, value_name = "BLOCKS", value_delimiter = ',')]
     pub batch: Vec<usize>,
@@ -947,7 +951,9 @@ impl CopyArgs {
         if !self.batch.is_empty() {
             o.batches = self.batch.clone();
         }
-        o.layers = self.layers;
+        if !self.layers.is_empty() {
+            o.layers = self.layers.clone();
+        }
         o.repetitions = self.repetitions;
         o.warmup = self.warmup;
         o.hugepages = self.hugepages;
@@ -1033,7 +1039,7 @@ mod tests {
             Cli::try_parse_from(["x", "--hugepages", "on", "--block-bytes", "4K,16KiB", "--batch", "8,16"]).unwrap();
         let o = cli.args.options(CopyDirection::H2d, "kvloft".into());
         assert!(o.hugepages);
-        assert_eq!((o.block_bytes, o.batches, o.layers), (vec![4096, 16384], vec![8, 16], 32));
+        assert_eq!((o.block_bytes, o.batches, o.layers), (vec![4096, 16384], vec![8, 16], vec![32]));
         assert_eq!(o.server, ServerMode::Spawn { exe: "kvloft".into(), config: None });
         let cli = Cli::try_parse_from(["x", "--no-server", "--max-batch-bytes", "64M"]).unwrap();
         let o = cli.args.options(CopyDirection::D2h, "kvloft".into());

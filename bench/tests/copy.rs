@@ -12,7 +12,7 @@ use kvloft_topology::validate;
 fn tiny(direction: CopyDirection, server: ServerMode) -> CopyOptions {
     let mut o = CopyOptions::new(direction, server);
     o.block_bytes = vec![4096];
-    o.layers = 2;
+    o.layers = vec![2];
     o.batches = vec![8, 32];
     o.repetitions = Some(3);
     o.warmup = 1;
