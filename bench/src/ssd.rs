@@ -8,6 +8,11 @@
 //! in a pseudo-random order without repeats (a keyed permutation), so a case re-reads a block only
 //! once it has covered the whole file (`file_passes` > 1).
 //!
+//! With `inflights` set (`--inflight LIST`), a case instead has `inflight` submitter tasks, each
+//! issuing a batch of `qd` operations at once (all polled, so all queued, together), waiting for
+//! the whole batch, and issuing the next: up to `inflight` × `qd` operations are outstanding, and
+//! the histogram holds the latency of whole batches (`params.batch_latency`).
+//!
 //! Each case runs a warm-up (untimed), then a timed phase of `seconds_per_case` (or
 //! `max_ops_per_case` operations, whichever ends first). Per operation latency goes into an HDR
 //! histogram; IOPS and GB/s are the operations and bytes over the timed phase. Write cases end with
@@ -123,8 +128,13 @@ pub struct SsdOptions {
     pub file_size: Option<u64>,
     /// Allows writes to an existing file or a block device (never to a mounted device).
     pub allow_write: bool,
-    /// Queue depths (operations in flight).
+    /// Queue depths (operations in flight; with `inflights`, operations per batch).
     pub qds: Vec<usize>,
+    /// Batches in flight. `None`: no batches, `qd` tasks each keep one operation in flight and
+    /// the histogram holds per-operation latency. `Some`: each value is a case dimension with
+    /// that many submitters, each keeping one batch of `qd` operations in flight; the histogram
+    /// holds batch latency.
+    pub inflights: Option<Vec<usize>>,
     /// Block sizes, bytes.
     pub block_sizes: Vec<u64>,
     /// Modes, in run order.
@@ -150,6 +160,7 @@ impl Default for SsdOptions {
             file_size: None,
             allow_write: false,
             qds: vec![1, 2, 4, 8, 16, 32, 64],
+            inflights: None,
             block_sizes: vec![4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20],
             modes: vec![Mode::Direct, Mode::Buffered],
             ops: vec![Op::Write, Op::Read],
@@ -192,7 +203,8 @@ pub fn run(opts: &SsdOptions) -> Result<Report, SsdError> {
         Some(c) => c,
         None => last_cpu(),
     };
-    let total = (opts.modes.len() * opts.ops.len() * opts.block_sizes.len() * opts.qds.len()) as u64;
+    let n_inflight = opts.inflights.as_ref().map_or(1, Vec::len);
+    let total = (opts.modes.len() * opts.ops.len() * opts.block_sizes.len() * n_inflight * opts.qds.len()) as u64;
     let progress = Arc::new(if opts.progress { Progress::new(total) } else { Progress::hidden(total) });
     let info = TargetInfo {
         path: target.path.clone(),
@@ -220,6 +232,11 @@ fn validate(opts: &SsdOptions) -> Result<(), SsdError> {
     }
     if opts.qds.iter().any(|&q| q == 0 || q > 1024) {
         return bad("queue depths must be 1 to 1024");
+    }
+    if let Some(ifs) = &opts.inflights {
+        if ifs.is_empty() || ifs.iter().any(|&n| n == 0 || n > 1024) {
+            return bad("inflight counts must name at least one value, each 1 to 1024");
+        }
     }
     if let Some(&b) = opts.block_sizes.iter().find(|&&b| b == 0 || b % 512 != 0 || b > (64 << 20)) {
         return Err(SsdError::Invalid(format!("block size {b} is not a multiple of 512 from 512 B to 64 MiB")));
@@ -530,6 +547,8 @@ struct CaseSpec {
     mode: Mode,
     bs: u64,
     qd: usize,
+    /// Batches in flight; `None`: one operation per task, no batches.
+    inflight: Option<usize>,
     seed: u64,
 }
 
@@ -570,27 +589,40 @@ async fn sweep(t: TargetInfo, opts: SsdOptions, progress: Arc<Progress>) -> Resu
     }
     let mut cases = Vec::new();
     let mut index = 0u64;
+    let inflights: Vec<Option<usize>> = match &opts.inflights {
+        Some(v) => v.iter().copied().map(Some).collect(),
+        None => vec![None],
+    };
     for &mode in &opts.modes {
         for &op in &opts.ops {
             for &bs in &opts.block_sizes {
-                for &qd in &opts.qds {
-                    let name = format!("{}_{}_qd{qd}_{}", op.as_str(), mode.as_str(), block_label(bs));
-                    progress.set_message(name.clone());
-                    index += 1;
-                    let spec = CaseSpec { op, mode, bs, qd, seed: splitmix(index ^ 0x6b76_6c6f_6674) };
-                    let mut case = run_case(&files, spec, &opts).await?;
-                    case.name = name;
-                    let p = &mut case.params;
-                    p.insert("path".into(), path_s.clone().into());
-                    p.insert("device".into(), t.device.clone().into());
-                    p.insert("cpu".into(), t.cpu.into());
-                    cases.push(case);
-                    progress.inc();
+                for &inflight in &inflights {
+                    for &qd in &opts.qds {
+                        let name = case_name(op, mode, inflight, qd, bs);
+                        progress.set_message(name.clone());
+                        index += 1;
+                        let seed = splitmix(index ^ 0x6b76_6c6f_6674);
+                        let spec = CaseSpec { op, mode, bs, qd, inflight, seed };
+                        let mut case = run_case(&files, spec, &opts).await?;
+                        case.name = name;
+                        let p = &mut case.params;
+                        p.insert("path".into(), path_s.clone().into());
+                        p.insert("device".into(), t.device.clone().into());
+                        p.insert("cpu".into(), t.cpu.into());
+                        cases.push(case);
+                        progress.inc();
+                    }
                 }
             }
         }
     }
     Ok(cases)
+}
+
+/// `read_direct_qd8_64k`; with batches in flight, `read_direct_if2_qd8_64k`.
+fn case_name(op: Op, mode: Mode, inflight: Option<usize>, qd: usize, bs: u64) -> String {
+    let inflight = inflight.map_or_else(String::new, |n| format!("_if{n}"));
+    format!("{}_{}{inflight}_qd{qd}_{}", op.as_str(), mode.as_str(), block_label(bs))
 }
 
 /// Writes the whole region once, sequentially with O_DIRECT, and syncs it.
@@ -663,6 +695,10 @@ async fn run_case(files: &Rc<Files>, spec: CaseSpec, opts: &SsdOptions) -> Resul
     p.insert("direct".into(), (spec.mode == Mode::Direct).into());
     p.insert("mode".into(), spec.mode.as_str().into());
     p.insert("qd".into(), spec.qd.into());
+    if let Some(n) = spec.inflight {
+        p.insert("inflight".into(), n.into());
+        p.insert("batch_latency".into(), true.into());
+    }
     p.insert("block_bytes".into(), spec.bs.into());
     p.insert("file_bytes".into(), files.bytes.into());
     p.insert("page_cache".into(), page_cache.into());
@@ -672,7 +708,8 @@ async fn run_case(files: &Rc<Files>, spec: CaseSpec, opts: &SsdOptions) -> Resul
     Ok(case)
 }
 
-/// Runs `qd` workers until `deadline` or until the shared index reaches `limit`.
+/// Runs `qd` workers (or, with batches, `inflight` batch workers) until `deadline` or until the
+/// shared index reaches `limit`.
 async fn phase(
     files: &Rc<Files>,
     spec: CaseSpec,
@@ -681,12 +718,20 @@ async fn phase(
     deadline: Instant,
     limit: u64,
 ) -> Result<(Histogram<u64>, u64), SsdError> {
-    let tasks: Vec<_> = (0..spec.qd)
-        .map(|w| {
-            let (files, next) = (files.clone(), next.clone());
-            glommio::spawn_local(worker(files, spec, perm, next, deadline, limit, w as u64))
-        })
-        .collect();
+    let tasks: Vec<_> = match spec.inflight {
+        None => (0..spec.qd)
+            .map(|w| {
+                let (files, next) = (files.clone(), next.clone());
+                glommio::spawn_local(worker(files, spec, perm, next, deadline, limit, w as u64))
+            })
+            .collect(),
+        Some(n) => (0..n)
+            .map(|w| {
+                let (files, next) = (files.clone(), next.clone());
+                glommio::spawn_local(batch_worker(files, spec, perm, next, deadline, limit, w as u64))
+            })
+            .collect(),
+    };
     let mut hist = new_histogram()?;
     let mut ops = 0;
     for t in tasks {
@@ -779,6 +824,130 @@ async fn worker(
     Ok((hist, ops))
 }
 
+/// One batch submitter: claims up to `qd` indices, issues all their operations at once, waits for
+/// the whole batch, records the batch's latency, repeats.
+async fn batch_worker(
+    files: Rc<Files>,
+    spec: CaseSpec,
+    perm: Permutation,
+    next: Rc<Cell<u64>>,
+    deadline: Instant,
+    limit: u64,
+    w: u64,
+) -> Result<(Histogram<u64>, u64), SsdError> {
+    let mut hist = new_histogram()?;
+    let bs = spec.bs as usize;
+    // One buffer per slot of the batch, each with its own data.
+    let seeds: Vec<u64> = (0..spec.qd as u64).map(|k| spec.seed ^ (w << 32) ^ (k << 16)).collect();
+    let dma_bufs: Vec<_> = match (spec.op, spec.mode) {
+        (Op::Write, Mode::Direct) => seeds
+            .iter()
+            .map(|&s| {
+                let mut b = files.dma.alloc_dma_buffer(bs);
+                fill(b.as_bytes_mut(), s);
+                Rc::new(b)
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let templates: Vec<Vec<u8>> = match (spec.op, spec.mode) {
+        (Op::Write, Mode::Buffered) => seeds
+            .iter()
+            .map(|&s| {
+                let mut v = vec![0u8; bs];
+                fill(&mut v, s);
+                v
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut ops = 0u64;
+    loop {
+        let i = next.get();
+        if i >= limit || Instant::now() >= deadline {
+            break;
+        }
+        let n = (spec.qd as u64).min(limit - i);
+        next.set(i + n);
+        if spec.op == Op::Read && spec.mode == Mode::Buffered && (i..i + n).any(|j| j > 0 && j % perm.len() == 0) {
+            // A new pass over the file: what the last pass read is cached, so drop it again.
+            posix_fadvise(files.buffered().as_raw_fd(), 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED)
+                .map_err(io_err("posix_fadvise(DONTNEED)"))?;
+        }
+        // Buffered writes hand over a copy of their block (outside the timer, as in `worker`).
+        let datas: Vec<Vec<u8>> = (0..n as usize).map(|k| templates.get(k).cloned().unwrap_or_default()).collect();
+        let t0 = Instant::now();
+        let batch: Vec<_> = datas
+            .into_iter()
+            .enumerate()
+            .map(|(k, data)| {
+                let pos = perm.at(i + k as u64) * spec.bs;
+                let buf = dma_bufs.get(k).cloned();
+                let files = &files;
+                async move { (pos, batch_op(files, spec, pos, buf, data).await) }
+            })
+            .collect();
+        let results = join_all(batch).await;
+        let took = t0.elapsed();
+        for (pos, done) in results {
+            let got = done.map_err(io_err(format!("{} of {bs} bytes at {pos}", spec.op.as_str())))?;
+            if got != bs {
+                return Err(SsdError::Invalid(format!("short {}: {got} of {bs} bytes at {pos}", spec.op.as_str())));
+            }
+        }
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX).max(1);
+        hist.record(ns).map_err(|e| SsdError::Invalid(format!("recording a latency of {ns} ns: {e}")))?;
+        ops += n;
+    }
+    Ok((hist, ops))
+}
+
+/// One operation of a batch; returns the bytes done.
+async fn batch_op(
+    files: &Files,
+    spec: CaseSpec,
+    pos: u64,
+    dma_buf: Option<Rc<glommio::io::DmaBuffer>>,
+    data: Vec<u8>,
+) -> std::io::Result<usize> {
+    let bs = spec.bs as usize;
+    let r = match (spec.op, spec.mode) {
+        (Op::Read, Mode::Direct) => files.dma.read_at_aligned(pos, bs).await.map(|r| r.len()),
+        (Op::Read, Mode::Buffered) => files.buffered().read_at(pos, bs).await.map(|r| r.len()),
+        (Op::Write, Mode::Direct) => {
+            files.dma.write_rc_at(dma_buf.expect("a direct batch writer has its buffers"), pos).await
+        }
+        (Op::Write, Mode::Buffered) => files.buffered().write_at(data, pos).await,
+    };
+    r.map_err(Into::into)
+}
+
+/// Awaits all `futs`, polling each on every wake-up, so that their first polls (which queue their
+/// operations) happen together; returns their outputs in order.
+async fn join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    use std::task::Poll;
+    let mut futs: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => *o = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.expect("every future finished")).collect()
+}
+
 /// Prints one line per case.
 pub fn print_table(report: &Report) {
     println!("{:<28} {:>10} {:>8} {:>10} {:>10} {:>10}", "case", "IOPS", "GB/s", "p50 us", "p99 us", "max us");
@@ -863,6 +1032,8 @@ mod tests {
 
     #[test]
     fn case_names() {
+        assert_eq!(case_name(Op::Read, Mode::Direct, None, 8, 64 << 10), "read_direct_qd8_64k");
+        assert_eq!(case_name(Op::Write, Mode::Buffered, Some(2), 4, 4096), "write_buffered_if2_qd4_4k");
         assert_eq!(block_label(4096), "4k");
         assert_eq!(block_label(1 << 20), "1m");
         assert_eq!(block_label(256 << 10), "256k");
@@ -893,6 +1064,40 @@ mod tests {
             checked += 1;
         }
         eprintln!("checked {checked} mounted devices");
+    }
+
+    #[test]
+    fn a_tiny_inflight_case_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SsdOptions {
+            path: Some(dir.path().to_path_buf()),
+            file_size: Some(16 << 20),
+            qds: vec![4],
+            inflights: Some(vec![2]),
+            block_sizes: vec![4 << 10],
+            modes: vec![Mode::Direct],
+            ops: vec![Op::Read],
+            seconds_per_case: Duration::from_millis(100),
+            warmup: Duration::from_millis(10),
+            progress: false,
+            ..SsdOptions::default()
+        };
+        let report = run(&opts).expect("an inflight case runs on a temporary file");
+        assert_eq!(report.cases.len(), 1);
+        let c = &report.cases[0];
+        assert_eq!(c.name, "read_direct_if2_qd4_4k");
+        assert!(c.iops.unwrap() > 0.0 && c.samples > 0, "{c:?}");
+        assert_eq!(c.params["inflight"], 2);
+        assert_eq!(c.params["qd"], 4);
+        assert_eq!(c.params["batch_latency"], true);
+        assert!(c.p50_us.unwrap() > 0.0);
+    }
+
+    #[test]
+    fn inflight_counts_are_validated() {
+        assert!(validate(&SsdOptions { inflights: Some(vec![]), ..SsdOptions::default() }).is_err());
+        assert!(validate(&SsdOptions { inflights: Some(vec![0]), ..SsdOptions::default() }).is_err());
+        assert!(validate(&SsdOptions::default()).is_ok());
     }
 
     #[test]

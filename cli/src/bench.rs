@@ -60,6 +60,11 @@ pub enum Suite {
         /// Queue depths: operations kept in flight.
         #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1,2,4,8,16,32,64")]
         qd: Vec<usize>,
+        /// Batches in flight (e.g. `1,2,4`): each of N submitters issues a batch of `qd`
+        /// operations at once and waits for the whole batch; latency is per batch. Without it,
+        /// `qd` tasks each keep one operation in flight (per-operation latency).
+        #[arg(long, value_name = "LIST", value_delimiter = ',', num_args = 0..=1, default_missing_value = "1")]
+        inflight: Option<Vec<usize>>,
         /// Block sizes (4K, 16KiB, 1M, 4096: K, M, G are binary).
         #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = ssd::parse_size)]
         #[arg(default_value = "4K,16K,64K,256K,1M")]
@@ -146,6 +151,7 @@ pub fn run(suite: &Suite) -> anyhow::Result<ExitCode> {
             file_size,
             allow_write,
             qd,
+            inflight,
             block_sizes,
             modes,
             ops,
@@ -161,6 +167,7 @@ pub fn run(suite: &Suite) -> anyhow::Result<ExitCode> {
                 file_size: *file_size,
                 allow_write: *allow_write,
                 qds: qd.clone(),
+                inflights: inflight.clone(),
                 block_sizes: block_sizes.clone(),
                 modes: modes.clone(),
                 ops: ops.clone(),
