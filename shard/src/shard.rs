@@ -66,6 +66,8 @@ pub(crate) struct ShardCtx {
     pub instances: RefCell<HashMap<String, (NamespaceId, u32)>>,
     /// Leases created by connections on this shard.
     pub leases: RefCell<LeaseTable>,
+    /// For each lease of `leases`, the shards that hold its pins (so a release tells only them).
+    pub lease_owners: RefCell<HashMap<u64, Vec<ShardId>>>,
     pub counters: Counters,
     /// Set once shutdown starts: connections refuse new requests.
     pub stopping: Cell<bool>,
@@ -166,6 +168,7 @@ pub(crate) async fn run(start: ShardStart) {
         index: RefCell::new(index),
         arena: RefCell::new(arena),
         instances: RefCell::new(HashMap::new()),
+        lease_owners: RefCell::new(HashMap::new()),
         leases: RefCell::new(LeaseTable::new(kvloft_engine::limits::MAX_LEASES_PER_SHARD, seed, id as u16)),
         counters: Counters::default(),
         stopping: Cell::new(false),

@@ -262,7 +262,10 @@ impl ShardCtx {
                 let _ = reply.try_send(answer);
             }
             LeaseOp::FinishLoad { id, rank } => {
-                self.leases.borrow_mut().finish_load(id, rank);
+                if self.leases.borrow_mut().finish_load(id, rank) {
+                    // Every rank loaded (each load unpinned its slices): the lease is gone.
+                    self.lease_owners.borrow_mut().remove(&id);
+                }
             }
             LeaseOp::Release { id, instance, reply } => {
                 let result = {
@@ -292,11 +295,13 @@ impl ShardCtx {
         }
     }
 
-    /// Drops every pin of `lease` on every shard.
+    /// Drops every pin of `lease` on the shards that hold some (all shards when this home does
+    /// not know them).
     pub(crate) fn broadcast_unpin(self: &Rc<Self>, lease: u64) {
+        let owners = self.lease_owners.borrow_mut().remove(&lease).unwrap_or_else(|| (0..self.shard_count()).collect());
         let ctx = self.clone();
         glommio::spawn_local(async move {
-            for shard in 0..ctx.shard_count() {
+            for shard in owners {
                 ctx.tell(shard, MeshMsg::Owner(OwnerOp::Unpin { lease, keys: Vec::new() })).await;
             }
         })
@@ -314,8 +319,14 @@ impl ShardCtx {
         }
         let mut leases = self.leases.borrow_mut();
         while leases.next_expiry_ms().is_some_and(|t| t <= now) {
-            if leases.expire(now).is_empty() {
+            let expired = leases.expire(now);
+            if expired.is_empty() {
                 break; // due leases with loads in flight are held back until those finish
+            }
+            // Their pins expire on the owners at the same time; only the owner lists go here.
+            let mut owners = self.lease_owners.borrow_mut();
+            for lease in expired {
+                owners.remove(&lease.id);
             }
         }
     }
@@ -362,6 +373,33 @@ fn lease_error(e: LeaseError) -> StoreError {
     StoreError(code, e.to_string())
 }
 
+/// Sends one operation per owner shard and collects the answers. Every request is sent before
+/// any answer is awaited, so the owners work at the same time; this shard's own share is handled
+/// last, after the others have their messages.
+async fn fan_out<I, T>(
+    ctx: &Rc<ShardCtx>,
+    groups: BTreeMap<ShardId, I>,
+    make: impl Fn(I, flume::Sender<T>) -> MeshMsg,
+) -> Vec<(ShardId, Result<T, StoreError>)> {
+    let mut order: Vec<(ShardId, I)> = groups.into_iter().collect();
+    order.sort_by_key(|(shard, _)| *shard == ctx.id);
+    let mut pending = Vec::with_capacity(order.len());
+    for (shard, items) in order {
+        let (tx, rx) = flume::bounded(1);
+        ctx.tell(shard, make(items, tx)).await;
+        pending.push((shard, rx));
+    }
+    let mut out = Vec::with_capacity(pending.len());
+    for (shard, rx) in pending {
+        let answer = rx
+            .recv_async()
+            .await
+            .map_err(|_| StoreError(ErrorCode::ShuttingDown, format!("shard {shard} has stopped; retry later")));
+        out.push((shard, answer));
+    }
+    out
+}
+
 /// Groups `(position, key)` pairs by owner shard.
 pub(crate) fn by_owner<T>(
     ctx: &ShardCtx,
@@ -395,11 +433,13 @@ pub(crate) async fn lookup(
     let groups = by_owner(ctx, keys);
     let mut found = vec![0u32; hashes.len()];
     let mut pinned: BTreeMap<ShardId, Vec<(u32, SliceKey)>> = BTreeMap::new();
-    for (shard, items) in groups {
-        let probe: Vec<(u32, SliceKey)> = items.iter().map(|(k, pos)| (*pos, *k)).collect();
-        let reply =
-            ctx.ask(shard, |reply| MeshMsg::Owner(OwnerOp::Probe { lease, expires_ms, keys: probe, reply })).await?;
-        for (pos, rank) in reply.found {
+    let replies = fan_out(ctx, groups, |items, reply| {
+        let keys = items.into_iter().map(|(k, pos)| (pos, k)).collect();
+        MeshMsg::Owner(OwnerOp::Probe { lease, expires_ms, keys, reply })
+    })
+    .await;
+    for (shard, reply) in replies {
+        for (pos, rank) in reply?.found {
             found[pos as usize] += 1;
             let key = SliceKey { block: BlockKey { ns, hash: hashes[pos as usize] }, rank };
             pinned.entry(shard).or_default().push((pos, key));
@@ -407,7 +447,11 @@ pub(crate) async fn lookup(
     }
     let hits = found.iter().take_while(|&&n| n == ranks).count();
     // Pins beyond the prefix protect nothing the client can load: drop them now.
+    let mut kept_owners = std::collections::BTreeSet::new();
     for (shard, keys) in pinned {
+        if keys.iter().any(|(pos, _)| (*pos as usize) < hits) {
+            kept_owners.insert(shard);
+        }
         let extra: Vec<SliceKey> = keys.into_iter().filter(|(pos, _)| *pos as usize >= hits).map(|(_, k)| k).collect();
         if !extra.is_empty() {
             ctx.tell(shard, MeshMsg::Owner(OwnerOp::Unpin { lease, keys: extra })).await;
@@ -419,10 +463,13 @@ pub(crate) async fn lookup(
     let record = Lease::new(lease, instance.to_string(), ns, hashes[..hits].to_vec(), ranks, expires_ms);
     // The lease's home is this shard (its id says so). A full table serves the lookup as a miss:
     // a lease nobody could load would only hold pins until expiry.
+    let owners: Vec<ShardId> = kept_owners.into_iter().collect();
     if ctx.leases.borrow_mut().insert(record).is_err() {
+        ctx.lease_owners.borrow_mut().insert(lease, owners);
         ctx.broadcast_unpin(lease);
         return Ok((0, 0));
     }
+    ctx.lease_owners.borrow_mut().insert(lease, owners);
     Ok((hits as u32, lease))
 }
 
@@ -437,10 +484,15 @@ pub(crate) async fn save(
     let slice_bytes = mem.slice_bytes();
     let keys = blocks.into_iter().map(|(hash, id)| (SliceKey { block: BlockKey { ns, hash }, rank: rank as u16 }, id));
     let mut total = Saved::default();
-    for (shard, items) in by_owner(ctx, keys) {
-        let n = items.len() as u32;
-        let mem = mem.clone();
-        match ctx.ask(shard, |reply| MeshMsg::Owner(OwnerOp::Save { mem, slice_bytes, items, reply })).await {
+    let groups = by_owner(ctx, keys);
+    let sizes: BTreeMap<ShardId, u32> = groups.iter().map(|(s, items)| (*s, items.len() as u32)).collect();
+    let replies = fan_out(ctx, groups, |items, reply| {
+        MeshMsg::Owner(OwnerOp::Save { mem: mem.clone(), slice_bytes, items, reply })
+    })
+    .await;
+    for (shard, reply) in replies {
+        let n = sizes.get(&shard).copied().unwrap_or(0);
+        match reply {
             Ok(s) => {
                 total.saved += s.saved;
                 total.present += s.present;
@@ -501,18 +553,18 @@ pub(crate) async fn load_copy(ctx: &Rc<ShardCtx>, mem: Arc<HostMemory>, plan: Lo
         .zip(&block_ids)
         .map(|(hash, id)| (SliceKey { block: BlockKey { ns, hash: *hash }, rank: rank as u16 }, *id));
     let mut total = Loaded::default();
-    for (shard, items) in by_owner(ctx, keys) {
-        let mem = mem.clone();
-        let done = ctx.ask(shard, |reply| MeshMsg::Owner(OwnerOp::Load { mem, lease, items, reply })).await;
-        match done {
+    let replies = fan_out(ctx, by_owner(ctx, keys), |items, reply| {
+        MeshMsg::Owner(OwnerOp::Load { mem: mem.clone(), lease, items, reply })
+    })
+    .await;
+    for (_, reply) in replies {
+        match reply {
             Ok(l) if l.error.is_none() => total.loaded += l.loaded,
             Ok(l) => {
-                total.error = l.error;
-                break;
+                total.error = total.error.or(l.error);
             }
             Err(StoreError(_, message)) => {
-                total.error = Some(message);
-                break;
+                total.error = total.error.or(Some(message));
             }
         }
     }
