@@ -76,11 +76,14 @@ pub(crate) enum InstanceOp {
 /// A request to a lease's home shard.
 #[derive(Debug)]
 pub(crate) enum LeaseOp {
-    /// Rank `rank` of `instance` starts loading lease `id`: answer its namespace and hashes.
+    /// Rank `rank` of `instance` starts loading the first `blocks` hits of lease `id`: answer its
+    /// namespace and hashes. A request for more blocks than hits is refused before the rank's one
+    /// load is used up.
     BeginLoad {
         id: u64,
         instance: String,
         rank: u32,
+        blocks: usize,
         reply: flume::Sender<Result<(NamespaceId, Vec<BlockHash>), StoreError>>,
     },
     /// Rank `rank` finished loading lease `id`.
@@ -253,11 +256,19 @@ impl ShardCtx {
     /// Handles a lease operation on this shard as the lease's home.
     pub(crate) fn lease_op(self: &Rc<Self>, op: LeaseOp) {
         match op {
-            LeaseOp::BeginLoad { id, instance, rank, reply } => {
+            LeaseOp::BeginLoad { id, instance, rank, blocks, reply } => {
                 let now = self.now_ms();
-                let answer = match self.leases.borrow_mut().begin_load(id, &instance, rank, now) {
-                    Ok(lease) => Ok((lease.ns, lease.hashes.clone())),
-                    Err(e) => Err(lease_error(e)),
+                let mut leases = self.leases.borrow_mut();
+                let hits = leases.get(id).filter(|l| l.instance == instance).map(|l| l.hashes.len());
+                let answer = match hits {
+                    Some(hits) if blocks > hits => Err(StoreError(
+                        ErrorCode::BadRequest,
+                        format!("{blocks} block ids for a lease of {hits} hits; send at most one per hit"),
+                    )),
+                    _ => match leases.begin_load(id, &instance, rank, now) {
+                        Ok(lease) => Ok((lease.ns, lease.hashes.clone())),
+                        Err(e) => Err(lease_error(e)),
+                    },
                 };
                 let _ = reply.try_send(answer);
             }
@@ -532,15 +543,9 @@ pub(crate) async fn load_prepare(
         return Err(StoreError(ErrorCode::UnknownLease, format!("lease {lease:#x} was not issued by this server")));
     }
     let instance = instance.to_string();
-    let (ns, hashes) =
-        ctx.ask(home, |reply| MeshMsg::Lease(LeaseOp::BeginLoad { id: lease, instance, rank, reply })).await??;
-    if block_count > hashes.len() {
-        ctx.tell(home, MeshMsg::Lease(LeaseOp::FinishLoad { id: lease, rank })).await;
-        return Err(StoreError(
-            ErrorCode::BadRequest,
-            format!("{block_count} block ids for a lease of {} hits; send at most one per hit", hashes.len()),
-        ));
-    }
+    let (ns, hashes) = ctx
+        .ask(home, |reply| MeshMsg::Lease(LeaseOp::BeginLoad { id: lease, instance, rank, blocks: block_count, reply }))
+        .await??;
     Ok(LoadPlan { lease, ns, hashes, rank })
 }
 

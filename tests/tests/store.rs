@@ -289,5 +289,7 @@ fn bad_requests_are_refused_and_the_connection_goes_on() {
     let mut thief = worker(&server, "thief", "bad", &other_cache);
     let e = thief.load(lease.lease, &[0]).unwrap_err();
     assert!(matches!(e, ClientError::Server { code: ErrorCode::LeaseNotOwned, .. }), "{e}");
-    assert_eq!(c.load(lease.lease, &[2]).unwrap().loaded, 1, "the owner still can");
+    let e = c.load(lease.lease, &[2, 3]).unwrap_err();
+    assert!(matches!(e, ClientError::Server { code: ErrorCode::BadRequest, .. }), "{e}");
+    assert_eq!(c.load(lease.lease, &[2]).unwrap().loaded, 1, "the owner still can, after a refused load");
 }
