@@ -1,11 +1,12 @@
 //! `kvloft bench SUITE`.
 
 use anyhow::Context;
+use kvloft_bench::server::OwnServer;
 use kvloft_bench::socket::{self, SocketOptions};
 use kvloft_bench::ssd;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::process::ExitCode;
+use std::time::Duration;
 
 /// `kvloft bench` suites.
 #[derive(Debug, clap::Subcommand)]
@@ -114,8 +115,9 @@ pub fn run(suite: &Suite) -> anyhow::Result<ExitCode> {
             let socket = match socket {
                 Some(s) => s.clone(),
                 None => {
-                    let server = OwnServer::start(config.as_ref())?;
-                    let s = server.socket.clone();
+                    let exe = std::env::current_exe()?;
+                    let server = OwnServer::start(&exe, config.as_deref(), 256 << 20, false)?;
+                    let s = server.socket().to_path_buf();
                     own = Some(server);
                     s
                 }
@@ -198,40 +200,4 @@ fn write_plot(
         println!("wrote {}", path.display());
     }
     Ok(())
-}
-
-/// A `kvloft serve` child on a private socket, stopped with SIGTERM when dropped.
-struct OwnServer {
-    child: Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl OwnServer {
-    fn start(config: Option<&PathBuf>) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("kvloft-bench").tempdir_in("/tmp")?;
-        let socket = dir.path().join("kvloft.sock");
-        let mut cmd = Command::new(std::env::current_exe()?);
-        cmd.arg("serve").arg("--socket").arg(&socket).args(["--metrics-addr", "off", "--pool-size", "256MiB"]);
-        if let Some(c) = config {
-            cmd.arg("--config").arg(c);
-        }
-        let child = cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().context("cannot start kvloft serve")?;
-        let server = Self { child, socket, _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if kvloft_shard::client::Client::connect(&server.socket, "kvloft-bench", Duration::from_secs(5)).is_ok() {
-                return Ok(server);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        anyhow::bail!("the bench's server did not start within 30 s")
-    }
-}
-
-impl Drop for OwnServer {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
-    }
 }
