@@ -755,6 +755,7 @@ fn namespace(g: Geometry) -> NamespaceSpec {
         tp_size: 1,
         pp_size: 1,
         group: 0,
+        variant: String::new(),
     }
 }
 

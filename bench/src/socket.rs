@@ -75,6 +75,7 @@ fn namespace() -> NamespaceSpec {
         tp_size: 1,
         pp_size: 1,
         group: 0,
+        variant: String::new(),
     }
 }
 

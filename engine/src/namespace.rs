@@ -2,7 +2,8 @@
 //!
 //! The id is the first 16 bytes of SHA-256 over a canonical encoding of the [`NamespaceSpec`]:
 //! the tag `kvloft-ns-v1`, then every field in a fixed order, each prefixed by its length as a
-//! little-endian `u32` (strings as UTF-8, integers as 4 little-endian bytes). The id is therefore
+//! little-endian `u32` (strings as UTF-8, integers as 4 little-endian bytes), then the `variant`
+//! string the same way when it is not empty. The id is therefore
 //! the same in every process, on every host and after every restart, and it is part of every
 //! stored block's key: **changing this encoding (or the tag) orphans every block already stored**
 //! in pools, on SSD and at peers. A new encoding must take a new tag.
@@ -87,7 +88,8 @@ impl NamespaceId {
         [u64::from_le_bytes(lo), u64::from_le_bytes(hi)]
     }
 
-    /// Validates `spec` and computes its id (see the module doc for the encoding).
+    /// Validates `spec` and computes its id (see the module doc for the encoding; a non-empty
+    /// `variant` is appended last).
     pub fn of(spec: &NamespaceSpec) -> Result<Self, NamespaceError> {
         validate(spec)?;
         let mut h = Sha256::new();
@@ -102,6 +104,10 @@ impl NamespaceId {
         put(&mut h, spec.layout.as_bytes());
         for n in [spec.tp_size, spec.pp_size, spec.group] {
             put(&mut h, &n.to_le_bytes());
+        }
+        // Added after v1 shipped: hashed only when set, so every id without a variant is unchanged.
+        if !spec.variant.is_empty() {
+            put(&mut h, spec.variant.as_bytes());
         }
         let digest = h.finalize();
         let mut id = [0u8; 16];
@@ -169,6 +175,9 @@ fn validate(spec: &NamespaceSpec) -> Result<(), NamespaceError> {
     if !LAYOUTS.contains(&spec.layout.as_str()) {
         return Err(NamespaceError::UnknownLayout { found: spec.layout.clone() });
     }
+    if spec.variant.len() > MAX_NAMESPACE_STR_BYTES {
+        return Err(NamespaceError::TooLong { field: "variant", len: spec.variant.len(), max: MAX_NAMESPACE_STR_BYTES });
+    }
     Ok(())
 }
 
@@ -193,6 +202,7 @@ pub(crate) mod tests {
             tp_size: 2,
             pp_size: 1,
             group: 0,
+            variant: String::new(),
         }
     }
 
@@ -224,6 +234,7 @@ pub(crate) mod tests {
             |s| s.tp_size += 1,
             |s| s.pp_size += 1,
             |s| s.group += 1,
+            |s| s.variant = "vllm:LBHNC".into(),
         ];
         let mut seen = std::collections::BTreeSet::from([base]);
         for change in variants {
@@ -267,6 +278,7 @@ pub(crate) mod tests {
                 NamespaceError::TooManyRanks { tp_size: u32::MAX, pp_size: u32::MAX, max: 1024 },
             ),
             (|s| s.layout = "NHD".into(), NamespaceError::UnknownLayout { found: "NHD".into() }),
+            (|s| s.variant = "v".repeat(257), NamespaceError::TooLong { field: "variant", len: 257, max: 256 }),
         ];
         for (change, want) in cases {
             let mut s = spec();

@@ -315,6 +315,11 @@ pub struct NamespaceSpec {
     /// Hybrid-attention group id (0 for plain models).
     #[serde(default)]
     pub group: u32,
+    /// Anything else that changes a block's bytes and the fields above do not name: the engine's
+    /// physical cache layout, the attention backend, the block's shape. Empty (the default) for
+    /// none; hashed into the namespace id only when set, so ids without one are unchanged.
+    #[serde(default)]
+    pub variant: String,
 }
 
 /// `register_instance`.

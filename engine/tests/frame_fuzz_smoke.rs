@@ -109,6 +109,7 @@ impl Gen {
             tp_size: self.u32(),
             pp_size: self.u32(),
             group: self.u32(),
+            variant: String::new(),
         }
     }
 
@@ -492,6 +493,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         tp_size: 1,
         pp_size: 1,
         group: 0,
+        variant: String::new(),
     };
     let layer = LayerMemory {
         base: 0x7f00_0000_0000,

@@ -57,6 +57,9 @@ class Namespace:
     pp_size: int = 1
     #: Hybrid-attention group id (0 for plain models).
     group: int = 0
+    #: Anything else that changes a block's bytes and the other fields do not name (the
+    #: engine's physical cache layout, attention backend, block shape); ``""`` for none.
+    variant: str = ""
 
     def __post_init__(self) -> None:
         for name in ("model", "dtype", "kv_dtype", "layout"):
@@ -66,6 +69,10 @@ class Namespace:
         for name in ("num_layers", "num_kv_heads", "head_size", "block_size", "tp_size", "pp_size"):
             check_u32(f"namespace {name}", getattr(self, name), minimum=1)
         check_u32("namespace group", self.group)
+        if not isinstance(self.variant, str):
+            raise ValueError(f"namespace variant must be a string, got {self.variant!r}")
+        if len(self.variant.encode()) > 256:
+            raise ValueError(f"namespace variant is {len(self.variant.encode())} bytes long; at most 256 are allowed")
         if self.layout not in LAYOUTS:
             raise ValueError(f"namespace layout must be one of {', '.join(LAYOUTS)}; got {self.layout!r}")
 

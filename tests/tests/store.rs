@@ -92,6 +92,7 @@ fn spec(model: &str) -> NamespaceSpec {
         tp_size: 1,
         pp_size: 1,
         group: 0,
+        variant: String::new(),
     }
 }
 
