@@ -1,0 +1,269 @@
+"""The worker side's transfers: loads and saves submitted to kvloft and their completions.
+
+Pure kvloft (no vLLM types), so it is tested against a real server without vLLM. Every load and
+save is asynchronous on kvloft's side: it is submitted in one step and its completion event is
+collected in a later :meth:`Transfers.poll`. The invariants:
+
+- A request's load is reported finished exactly once: loaded, or failed with its blocks listed
+  for recomputation (never partly used).
+- A finished request whose blocks vLLM keeps for its saves (``delayed_free``) is reported once
+  its saves have completed (saved, present or failed), so vLLM never reuses a block kvloft may
+  still be reading.
+- kvloft going away fails every load in flight and ends every save in flight; vLLM goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from ..errors import KvloftError, ServerError
+from .link import Link, is_unreachable
+from .plan import LoadSpec, SaveSpec
+from .stats import ConnectorCounters
+
+log = logging.getLogger("vllm.kvloft")
+
+
+@dataclass
+class _Load:
+    spec: LoadSpec
+    started: float
+
+
+@dataclass
+class _Save:
+    req_ids: list[str]
+    blocks: int
+    started: float
+
+
+@dataclass
+class Finished:
+    """What :meth:`Transfers.poll` reports to vLLM."""
+
+    sending: set[str] = field(default_factory=set)
+    recving: set[str] = field(default_factory=set)
+
+
+class Transfers:
+    """A worker's loads and saves in flight.
+
+    Args:
+        link: the worker's connection (registered with its KV memory).
+        load_timeout_s: a load not complete after this long is reported failed (and its
+            lease released), so the request is recomputed.
+        counters: where completions are counted.
+    """
+
+    def __init__(
+        self,
+        link: Link,
+        load_timeout_s: float = 30.0,
+        counters: ConnectorCounters | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.link = link
+        self.load_timeout_s = load_timeout_s
+        self.counters = counters or ConnectorCounters()
+        self._clock = clock
+        self._loads: dict[int, _Load] = {}
+        self._saves: dict[int, _Save] = {}
+        #: Saves in flight per request.
+        self._pending: dict[str, int] = {}
+        #: Finished requests whose blocks vLLM keeps until their saves are done.
+        self._delayed: set[str] = set()
+        self._done = Finished()
+        self._failed_blocks: set[int] = set()
+
+    # -- submission -------------------------------------------------------------------
+
+    def start_loads(self, loads: Iterable[LoadSpec]) -> None:
+        """Submits each load; a load kvloft cannot take fails at once."""
+        for spec in loads:
+            client = self._client()
+            if client is None:
+                self._fail_load(spec, "kvloft is unreachable")
+                continue
+            try:
+                rid = client.load(spec.lease, spec.block_ids, wait=False)
+            except KvloftError as e:
+                self._fail_load(spec, str(e))
+                self._on_error(e)
+                continue
+            except OSError as e:
+                self._fail_load(spec, str(e))
+                self._on_error(e)
+                continue
+            self._loads[rid] = _Load(spec, self._clock())
+
+    def start_saves(self, saves: Iterable[SaveSpec]) -> None:
+        """Submits this step's saves as one kvloft request (a hash saved twice is sent once)."""
+        blocks: list[tuple[bytes, int]] = []
+        seen: set[bytes] = set()
+        req_ids: list[str] = []
+        for spec in saves:
+            req_ids.append(spec.req_id)
+            for h, b in zip(spec.hashes, spec.block_ids):
+                if h not in seen:
+                    seen.add(h)
+                    blocks.append((h, b))
+        if not blocks:
+            return
+        client = self._client()
+        if client is None:
+            self.counters.save(0, 0, len(blocks), 0.0)
+            return
+        try:
+            rid = client.save(blocks, wait=False)
+        except (KvloftError, OSError) as e:
+            self.counters.save(0, 0, len(blocks), 0.0)
+            self._on_error(e)
+            return
+        self._saves[rid] = _Save(req_ids, len(blocks), self._clock())
+        for r in req_ids:
+            self._pending[r] = self._pending.get(r, 0) + 1
+
+    def mark_delayed(self, req_ids: Iterable[str]) -> None:
+        """Finished requests whose blocks vLLM keeps until this worker reports their saves."""
+        for r in req_ids:
+            if self._pending.get(r):
+                self._delayed.add(r)
+            else:
+                self._done.sending.add(r)
+
+    # -- completion -------------------------------------------------------------------
+
+    def poll(self, wait: float = 0.0) -> Finished:
+        """Collects completions (waiting up to ``wait`` seconds for the first) and returns
+        the requests finished since the last call."""
+        self._collect(wait)
+        self._expire_loads()
+        done, self._done = self._done, Finished()
+        return done
+
+    def take_failed_blocks(self) -> set[int]:
+        """Engine blocks whose load failed since the last call: vLLM recomputes them."""
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def wait_for_saves(self, req_ids: Iterable[str], timeout: float | None = None) -> bool:
+        """Blocks until no save of ``req_ids`` is in flight (their blocks are about to be
+        reused). Returns False if ``timeout`` passed first."""
+        wanted = set(req_ids)
+        deadline = None if timeout is None else self._clock() + timeout
+        while any(self._pending.get(r) for r in wanted):
+            remaining = 0.05 if deadline is None else min(0.05, deadline - self._clock())
+            if remaining <= 0:
+                return False
+            self._collect(remaining)
+        return True
+
+    @property
+    def in_flight(self) -> tuple[int, int]:
+        """Loads and saves in flight."""
+        return len(self._loads), len(self._saves)
+
+    def drain(self, timeout: float) -> None:
+        """Waits up to ``timeout`` for everything in flight (at shutdown)."""
+        deadline = self._clock() + timeout
+        while (self._loads or self._saves) and self._clock() < deadline:
+            self._collect(min(0.05, max(0.0, deadline - self._clock())))
+
+    # -- internals ------------------------------------------------------------------
+
+    def _client(self):
+        try:
+            return self.link.client()
+        except KvloftError as e:
+            log.error("kvloft: %s; serving without kvloft", e)
+            return None
+
+    def _collect(self, wait: float) -> None:
+        if not self._loads and not self._saves:
+            return
+        client = self.link.client() if self.link.up else None
+        if client is None:
+            self._connection_gone("the connection to kvloft closed")
+            return
+        try:
+            events = client.events(wait=wait)
+        except (KvloftError, OSError) as e:
+            if is_unreachable(e):
+                self._connection_gone(str(e))
+                self.link.fail(e)
+            else:
+                log.warning("kvloft: reading events failed: %s", e)
+            return
+        now = self._clock()
+        for event in events:
+            body = event.body
+            op = body.get("op")
+            if op == "load_done":
+                load = self._loads.pop(event.request_id, None)
+                if load is None:
+                    continue  # a load already reported failed (timed out)
+                n = len(load.spec.block_ids)
+                ok = not body.get("error") and body.get("loaded") == n
+                if ok:
+                    self.counters.load(n, now - load.started, True)
+                    self._done.recving.add(load.spec.req_id)
+                else:
+                    self._fail_load(load.spec, str(body.get("error") or f"loaded {body.get('loaded')} of {n}"))
+            elif op == "save_done":
+                save = self._saves.pop(event.request_id, None)
+                if save is None:
+                    continue
+                failed = int(body.get("failed") or 0)
+                self.counters.save(int(body.get("saved") or 0), int(body.get("present") or 0), failed, now - save.started)
+                if failed and body.get("error"):
+                    log.debug("kvloft: %d blocks not saved: %s", failed, body.get("error"))
+                self._save_ended(save)
+
+    def _expire_loads(self) -> None:
+        now = self._clock()
+        expired = [rid for rid, load in self._loads.items() if now - load.started > self.load_timeout_s]
+        for rid in expired:
+            load = self._loads.pop(rid)
+            self._fail_load(load.spec, f"no completion within {self.load_timeout_s} s")
+            client = self.link.client() if self.link.up else None
+            if client is not None:
+                try:
+                    client.release(load.spec.lease)
+                except (KvloftError, OSError):
+                    pass
+
+    def _connection_gone(self, why: str) -> None:
+        """kvloft closed the connection: nothing in flight will complete."""
+        for load in self._loads.values():
+            self._fail_load(load.spec, why)
+        self._loads.clear()
+        for save in self._saves.values():
+            self.counters.save(0, 0, save.blocks, 0.0)
+            self._save_ended(save)
+        self._saves.clear()
+
+    def _save_ended(self, save: _Save) -> None:
+        for r in save.req_ids:
+            left = self._pending.get(r, 0) - 1
+            if left > 0:
+                self._pending[r] = left
+                continue
+            self._pending.pop(r, None)
+            if r in self._delayed:
+                self._delayed.discard(r)
+                self._done.sending.add(r)
+
+    def _fail_load(self, spec: LoadSpec, why: str) -> None:
+        log.warning("kvloft: load of %d blocks for request %s failed (%s); recomputing them", len(spec.block_ids), spec.req_id, why)
+        self.counters.load(len(spec.block_ids), 0.0, False)
+        self._failed_blocks.update(spec.block_ids)
+        self._done.recving.add(spec.req_id)
+
+    def _on_error(self, e: BaseException) -> None:
+        self.counters.failure("transfer")
+        if is_unreachable(e) and not isinstance(e, ServerError):
+            self._connection_gone(str(e))
+            self.link.fail(e)
