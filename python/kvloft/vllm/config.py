@@ -35,8 +35,6 @@ class ConnectorConfig:
     #: Seconds a load may take from submission to its completion; after that the request's
     #: blocks are recomputed.
     load_timeout_s: float = 30.0
-    #: Seconds a save may take; after that its blocks are given back to vLLM unsaved.
-    save_timeout_s: float = 30.0
     #: First wait before reconnecting after kvloft went away; doubled after every failed
     #: attempt up to ``reconnect_max_s``.
     reconnect_initial_s: float = 0.5
@@ -96,7 +94,7 @@ class ConnectorConfig:
             raise ValueError(f"kvloft connector: mode {self.mode!r} is unknown; use one of {', '.join(MODES)}")
         if not self.socket_path:
             raise ValueError("kvloft connector: socket_path is empty; name the socket `kvloft serve` listens on")
-        for name in ("request_timeout_s", "load_timeout_s", "save_timeout_s", "reconnect_initial_s", "reconnect_max_s"):
+        for name in ("request_timeout_s", "load_timeout_s", "reconnect_initial_s", "reconnect_max_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"kvloft connector: {name} must be a positive number of seconds, got {getattr(self, name)!r}")
         if self.reconnect_max_s < self.reconnect_initial_s:
