@@ -199,3 +199,37 @@ def test_engine_survives_kvloft_dying_and_hits_resume(model: Path, workdir: Path
         assert shard_sum(stats, "hits") > 0, stats
     finally:
         server.stop()
+
+
+PLUGIN_CHECK = r"""
+import json
+from vllm.plugins import load_general_plugins
+from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+load_general_plugins()
+cls = KVConnectorFactory.get_connector_class_by_name("KvloftConnector")
+from kvloft.vllm import KvloftConnector
+assert cls is KvloftConnector, cls
+stats = cls.build_kv_connector_stats({"lookups": 2, "lookup_blocks": 10, "hit_blocks": 4, "lookup_s": [0.001, 0.003]})
+more = cls.build_kv_connector_stats({"loads": 1, "loaded_blocks": 4, "load_s": [0.002]})
+total = stats.aggregate(more)
+print(json.dumps({"reduced": total.reduce(), "empty": cls.build_kv_connector_stats().is_empty()}))
+"""
+
+
+def test_plugin_registers_the_connector_and_its_stats() -> None:
+    """The ``vllm.general_plugins`` entry point makes the name resolve; the stats aggregate."""
+    _skip_or_fail()
+    from harness import engine_env
+
+    import json as _json
+
+    done = subprocess.run(
+        [sys.executable, "-c", PLUGIN_CHECK], env=engine_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = _json.loads(done.stdout.strip().splitlines()[-1])
+    reduced = out["reduced"]
+    assert reduced["lookups"] == 2 and reduced["hit_blocks"] == 4 and reduced["loaded_blocks"] == 4
+    assert reduced["hit_rate"] == 0.4
+    assert reduced["lookup_p50_ms"] == 2.0 and reduced["load_p50_ms"] == 2.0
+    assert out["empty"] is True
