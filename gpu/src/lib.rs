@@ -8,17 +8,23 @@
 //!   cache and copies blocks between it and pool slots with `process_vm_readv`/`process_vm_writev`,
 //!   one copy per byte and no staging.
 //!
-//! The `cuda` backend named in DESIGN.md (CUDA IPC import, streams, events, the copy planner and
-//! gather/scatter kernels) comes later.
+//! - [`plan`]: the copy planner (merge adjacent ranges; DMA or a gather/scatter kernel within an
+//!   SM budget), pure and tested everywhere.
+//! - [`cuda`]: the `cuda` backend (cudarc, loaded at run time, so the same binary runs where no
+//!   driver exists): GPUs by ordinal or UUID, CUDA IPC import, pool registration, the NVRTC copy
+//!   kernel and a copier that moves planned batches on its own stream.
 //!
-//! Unsafe code (system calls and raw pool pointers) is confined to those two modules; the crate
-//! denies it everywhere else.
+//! Unsafe code (system calls, driver calls and raw pool pointers) is confined to `arena`, `host`
+//! and `cuda`; the crate denies it everywhere else.
 #![deny(unsafe_code)]
 
 #[allow(unsafe_code)]
 pub mod arena;
 #[allow(unsafe_code)]
+pub mod cuda;
+#[allow(unsafe_code)]
 pub mod host;
+pub mod plan;
 
 pub use arena::{Arena, ArenaError};
 pub use host::{HostError, HostMemory};
