@@ -17,6 +17,8 @@
 
 pub mod calibrate;
 pub mod copy;
+#[allow(unsafe_code)]
+pub mod gpu;
 pub mod placement;
 pub mod plot;
 pub mod progress;

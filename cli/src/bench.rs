@@ -41,6 +41,9 @@ pub enum Suite {
     /// Load path: scattered KV blocks from pool pages into engine memory, through the server and
     /// in-process, against a contiguous copy of the same bytes.
     H2d(kvloft_bench::copy::CopyArgs),
+    /// GPU path: scattered KV blocks between GPU memory and pinned pool pages with the cuda
+    /// backend (copy kernel and DMA), every layout, verified, against a contiguous copy.
+    Gpu(kvloft_bench::gpu::GpuArgs),
     /// Measures this machine's copy curves (GB/s by block size and method) for the topology
     /// file's [calibration] section.
     Calibrate(kvloft_bench::calibrate::CalibrateArgs),
@@ -104,6 +107,10 @@ pub fn run(suite: &Suite) -> anyhow::Result<ExitCode> {
             use kvloft_topology::model::CopyDirection;
             let direction = if matches!(suite, Suite::D2h(_)) { CopyDirection::D2h } else { CopyDirection::H2d };
             kvloft_bench::copy::main(direction, args, std::env::current_exe()?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Suite::Gpu(args) => {
+            kvloft_bench::gpu::main(args)?;
             Ok(ExitCode::SUCCESS)
         }
         Suite::Calibrate(args) => {

@@ -1,0 +1,399 @@
+//! The `gpu` suite: scattered KV blocks between GPU memory and pinned pool pages with the `cuda`
+//! backend, in-process, for every attention layout, against a contiguous copy of the same bytes
+//! between the same two memories measured in the same run.
+//!
+//! The "engine" is this process: per layer a device allocation laid out like vLLM's caches
+//! (`nhd`: K/V-first `[2, num_blocks, block/2]`, two segments per block; `hnd` and `mla`: one
+//! run per block; `cross_layer`: one allocation `[num_blocks, layers, block]`, so a block's
+//! layers are one run). A block of one layer is `block_bytes`; a batch is `batch` blocks at random
+//! block ids, every layer. The pool is an [`Arena`] registered with the driver (pinned, mapped).
+//!
+//! Every case first proves the bytes: a save (d2h) of blocks A into pool slots, checked against
+//! the pattern the engine memory was filled with; then a load (h2d) of those slots into other
+//! blocks B, poisoned first, read back and checked. Only then is it timed, for each method: the
+//! copy kernel (with `--sm-budget` SMs) and DMA (one `cuMemcpyAsync` per merged range). Time is
+//! wall-clock from submission to completion of a batch; GB/s is bytes over the median batch time;
+//! the ceiling is one `cuMemcpyAsync` of the same bytes between a device buffer and the arena.
+
+use crate::report::{Case, Report};
+use hdrhistogram::Histogram;
+use kvloft_gpu::cuda::{Copier, CudaError, Device, DeviceBuffer, HostRegistration};
+use kvloft_gpu::plan::{Method, Plan, Planner, Range, CTAS_PER_SM, KERNEL_THREADS};
+use kvloft_gpu::Arena;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Attention layouts the suite covers.
+pub const LAYOUTS: [&str; 4] = ["nhd", "hnd", "mla", "cross_layer"];
+
+/// `kvloft bench gpu` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GpuArgs {
+    /// GPU ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+    /// Bytes of one block of one layer (all its segments), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [16u64 << 10, 64 << 10, 256 << 10])]
+    pub block_bytes: Vec<u64>,
+    /// Blocks per batch, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [64usize, 256, 1024, 4096])]
+    pub batches: Vec<usize>,
+    /// Layers.
+    #[arg(long, default_value_t = 32)]
+    pub layers: u32,
+    /// Layouts, comma-separated (nhd, hnd, mla, cross_layer).
+    #[arg(long, value_delimiter = ',', default_values_t = LAYOUTS.map(String::from))]
+    pub layouts: Vec<String>,
+    /// SMs the copy kernel may use.
+    #[arg(long, default_value_t = 16)]
+    pub sm_budget: u32,
+    /// Largest batch in bytes; larger cases are skipped.
+    #[arg(long, default_value_t = 2u64 << 30)]
+    pub max_batch_bytes: u64,
+    /// Timed batches per case and method.
+    #[arg(long, default_value_t = 7)]
+    pub repetitions: u32,
+    /// Where to write the JSON result.
+    #[arg(long, value_name = "FILE", default_value = "bench-gpu.json")]
+    pub out: PathBuf,
+}
+
+/// Why the suite failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GpuBenchError {
+    /// A CUDA call failed (or there is no driver or GPU).
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
+    /// The pool arena could not be made.
+    #[error("pool arena: {0}")]
+    Arena(#[from] kvloft_gpu::ArenaError),
+    /// Bytes differed after a copy: the backend is wrong.
+    #[error("verification failed: {0}")]
+    Mismatch(String),
+    /// An argument is unusable.
+    #[error("{0}")]
+    Args(String),
+    /// The result could not be written.
+    #[error("writing {path}: {error}")]
+    Write {
+        /// The output file.
+        path: PathBuf,
+        /// The error.
+        error: std::io::Error,
+    },
+}
+
+/// The word at byte offset `off` of layer `layer`'s cache: differs at every 8-byte offset.
+fn word(layer: u32, off: u64) -> u64 {
+    let mut z = (u64::from(layer) << 48) ^ (off / 8) ^ 0x9e37_79b9_7f4a_7c15;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn pattern(layer: u32, start: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut off = start;
+    while out.len() < len {
+        let w = word(layer, off & !7).to_le_bytes();
+        let i = (off & 7) as usize;
+        let take = (8 - i).min(len - out.len());
+        out.extend_from_slice(&w[i..i + take]);
+        off += take as u64;
+    }
+    out
+}
+
+/// The engine's cache for one layout and block size.
+struct Engine {
+    layout: String,
+    layers: u32,
+    block_bytes: u64,
+    num_blocks: u64,
+    /// One buffer per layer, or one for every layer (cross_layer).
+    buffers: Vec<DeviceBuffer>,
+}
+
+impl Engine {
+    fn new(
+        dev: &Arc<Device>,
+        layout: &str,
+        layers: u32,
+        block_bytes: u64,
+        num_blocks: u64,
+    ) -> Result<Self, GpuBenchError> {
+        let per_layer = (block_bytes * num_blocks) as usize;
+        let buffers = if layout == "cross_layer" {
+            vec![DeviceBuffer::new(dev.clone(), per_layer * layers as usize)?]
+        } else {
+            (0..layers).map(|_| DeviceBuffer::new(dev.clone(), per_layer)).collect::<Result<_, _>>()?
+        };
+        let e = Engine { layout: layout.into(), layers, block_bytes, num_blocks, buffers };
+        for (i, b) in e.buffers.iter().enumerate() {
+            let chunk = 64 << 20;
+            let mut off = 0;
+            while off < b.len() {
+                let n = chunk.min(b.len() - off);
+                b.write(off, &pattern(i as u32, off as u64, n))?;
+                off += n;
+            }
+        }
+        Ok(e)
+    }
+
+    /// Bytes of one block over every layer: one pool slot.
+    fn slice_bytes(&self) -> u64 {
+        self.block_bytes * u64::from(self.layers)
+    }
+
+    /// (buffer, offset, len, offset in the slot) of every run of block `b`.
+    fn runs(&self, b: u64) -> Vec<(usize, u64, u64, u64)> {
+        let bb = self.block_bytes;
+        match self.layout.as_str() {
+            "cross_layer" => vec![(0, b * self.slice_bytes(), self.slice_bytes(), 0)],
+            "nhd" => {
+                let seg = bb / 2;
+                (0..self.layers as usize)
+                    .flat_map(|l| {
+                        let slot = l as u64 * bb;
+                        [(l, b * seg, seg, slot), (l, self.num_blocks * seg + b * seg, seg, slot + seg)]
+                    })
+                    .collect()
+            }
+            _ => (0..self.layers as usize).map(|l| (l, b * bb, bb, l as u64 * bb)).collect(),
+        }
+    }
+
+    /// Ranges moving `blocks` to (d2h) or from (h2d) consecutive pool slots at device address `pool`.
+    fn ranges(&self, blocks: &[u64], pool: u64, d2h: bool) -> Vec<Range> {
+        let mut out = Vec::new();
+        for (i, &b) in blocks.iter().enumerate() {
+            let slot = pool + i as u64 * self.slice_bytes();
+            for (buf, off, len, in_slot) in self.runs(b) {
+                let dev = self.buffers[buf].ptr() + off;
+                let host = slot + in_slot;
+                out.push(if d2h { Range { src: dev, dst: host, len } } else { Range { src: host, dst: dev, len } });
+            }
+        }
+        out
+    }
+
+    /// The expected bytes of run `(buf, off, len)` of the pattern.
+    fn expected(&self, buf: usize, off: u64, len: u64) -> Vec<u8> {
+        pattern(buf as u32, off, len as usize)
+    }
+}
+
+/// Runs the suite.
+pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
+    for l in &args.layouts {
+        if !LAYOUTS.contains(&l.as_str()) {
+            return Err(GpuBenchError::Args(format!("unknown layout {l:?}; use {}", LAYOUTS.join(", "))));
+        }
+    }
+    if args.block_bytes.iter().any(|&b| b < 32 || b % 32 != 0) {
+        return Err(GpuBenchError::Args("block sizes must be multiples of 32 bytes".into()));
+    }
+    let dev = Arc::new(Device::open(args.gpu)?);
+    eprintln!("gpu: {} ({} SMs), sm budget {}", dev.name(), dev.sm_count(), args.sm_budget);
+    let arena_bytes = args.max_batch_bytes.max(1 << 21);
+    let arena = Arena::new(arena_bytes, None, true)?;
+    for note in arena.notes() {
+        eprintln!("pool: {note}");
+    }
+    // SAFETY: the arena outlives the registration (dropped at the end of this function, after it).
+    let reg = unsafe { HostRegistration::register(dev.clone(), arena.as_ptr(), arena.len() as usize)? };
+    let pool = reg.device_ptr();
+    let ceiling_buf = DeviceBuffer::new(dev.clone(), arena_bytes as usize)?;
+    let mut copier = Copier::new(dev.clone(), 1 << 22, args.sm_budget > 0)?;
+    if let Some(note) = copier.kernel_note() {
+        eprintln!("kernel: {note}");
+    }
+    let planner = Planner { sm_budget: args.sm_budget, sm_count: dev.sm_count(), ..Planner::default() };
+    let mut report = Report::new("gpu");
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+
+    for &block_bytes in &args.block_bytes {
+        let slice = block_bytes * u64::from(args.layers);
+        let batches: Vec<usize> =
+            args.batches.iter().copied().filter(|&b| b > 0 && b as u64 * slice <= args.max_batch_bytes).collect();
+        let Some(&max_batch) = batches.iter().max() else { continue };
+        for layout in &args.layouts {
+            let num_blocks = 2 * max_batch as u64;
+            let engine = Engine::new(&dev, layout, args.layers, block_bytes, num_blocks)?;
+            for &batch in &batches {
+                // Blocks A (saved) and B (loaded into), disjoint, random order.
+                let mut ids: Vec<u64> = (0..num_blocks).collect();
+                for i in (1..ids.len()).rev() {
+                    ids.swap(i, (next() % (i as u64 + 1)) as usize);
+                }
+                let (a, b) = (ids[..batch].to_vec(), ids[batch..2 * batch].to_vec());
+                let bytes = batch as u64 * slice;
+                verify(&engine, &mut copier, &arena, pool, &a, &b, &planner)?;
+                for (dir, d2h) in [("d2h", true), ("h2d", false)] {
+                    let blocks = if d2h { &a } else { &b };
+                    let ranges = engine.ranges(blocks, pool, d2h);
+                    let ceiling =
+                        time_plan(&mut copier, &contiguous(&ceiling_buf, pool, bytes, d2h), args.repetitions)?;
+                    let ceiling_gbps = bytes as f64 / ceiling / 1e9;
+                    for method in ["kernel", "dma", "planner"] {
+                        let plan = match method {
+                            "kernel" if copier.has_kernel() && args.sm_budget > 0 => {
+                                let mut p =
+                                    Planner { kernel_min_ranges: 1, dma_min_bytes: u64::MAX, ..planner }.plan(&ranges);
+                                if let Method::Kernel { .. } = p.method {
+                                } else {
+                                    p.method =
+                                        Method::Kernel { ctas: args.sm_budget * CTAS_PER_SM, threads: KERNEL_THREADS };
+                                }
+                                p
+                            }
+                            "kernel" => continue,
+                            "dma" => Planner { sm_budget: 0, ..planner }.plan(&ranges),
+                            _ => planner.plan(&ranges),
+                        };
+                        let mut h = Histogram::<u64>::new(3).expect("histogram");
+                        let mut times = Vec::new();
+                        for _ in 0..args.repetitions.max(1) {
+                            let s = time_once(&mut copier, &plan)?;
+                            times.push(s);
+                            let _ = h.record((s * 1e9) as u64);
+                        }
+                        times.sort_by(f64::total_cmp);
+                        let median = times[times.len() / 2];
+                        let gbps = bytes as f64 / median / 1e9;
+                        let mut case = Case {
+                            name: format!("{dir}_{layout}_{}k_b{batch}_{method}", block_bytes >> 10),
+                            gbps: Some(gbps),
+                            ceiling_gbps: Some(ceiling_gbps),
+                            ratio: Some(gbps / ceiling_gbps),
+                            ..Case::default()
+                        }
+                        .with_latency(&h);
+                        let p = &mut case.params;
+                        p.insert("direction".into(), dir.into());
+                        p.insert("layout".into(), layout.as_str().into());
+                        p.insert("block_bytes".into(), block_bytes.into());
+                        p.insert("batch".into(), batch.into());
+                        p.insert("layers".into(), args.layers.into());
+                        p.insert("bytes".into(), bytes.into());
+                        p.insert("method".into(), method.into());
+                        let (chosen, sms) = match plan.method {
+                            Method::Dma => ("dma", 0),
+                            Method::Kernel { ctas, .. } => ("kernel", ctas.div_ceil(CTAS_PER_SM)),
+                        };
+                        p.insert("plan".into(), chosen.into());
+                        p.insert("sm_used".into(), sms.into());
+                        p.insert("ranges".into(), plan.ranges.len().into());
+                        p.insert("verified".into(), true.into());
+                        eprintln!(
+                            "{:<36} {:>7.2} GB/s  ceiling {:>6.2}  ratio {:.2}  ({} ranges, {chosen}, {sms} SMs)",
+                            case.name,
+                            gbps,
+                            ceiling_gbps,
+                            gbps / ceiling_gbps,
+                            plan.ranges.len()
+                        );
+                        report.cases.push(case);
+                    }
+                }
+            }
+        }
+    }
+    drop(copier);
+    drop(reg); // before the arena it registers
+    drop(arena);
+    Ok(report)
+}
+
+/// One contiguous copy of `bytes` between a device buffer and the pool.
+fn contiguous(buf: &DeviceBuffer, pool: u64, bytes: u64, d2h: bool) -> Plan {
+    let r = if d2h {
+        Range { src: buf.ptr(), dst: pool, len: bytes }
+    } else {
+        Range { src: pool, dst: buf.ptr(), len: bytes }
+    };
+    Plan { method: Method::Dma, ranges: vec![r] }
+}
+
+fn time_once(copier: &mut Copier, plan: &Plan) -> Result<f64, GpuBenchError> {
+    let t0 = Instant::now();
+    // SAFETY: every plan of this suite moves bytes between live device buffers of the engine (or
+    // the ceiling buffer) and the registered arena, inside their bounds; we wait before reuse.
+    unsafe { copier.submit(plan)? };
+    copier.wait()?;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+fn time_plan(copier: &mut Copier, plan: &Plan, reps: u32) -> Result<f64, GpuBenchError> {
+    let mut t: Vec<f64> = (0..reps.max(1)).map(|_| time_once(copier, plan)).collect::<Result<_, _>>()?;
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+/// Saves blocks `a` into the pool and checks the pool; loads them into blocks `b` (poisoned
+/// first) with the kernel and with DMA, and checks the engine memory.
+fn verify(
+    engine: &Engine,
+    copier: &mut Copier,
+    arena: &Arena,
+    pool: u64,
+    a: &[u64],
+    b: &[u64],
+    planner: &Planner,
+) -> Result<(), GpuBenchError> {
+    let planners =
+        [Planner { kernel_min_ranges: 1, dma_min_bytes: u64::MAX, ..*planner }, Planner { sm_budget: 0, ..*planner }];
+    for p in planners {
+        // Save A and check every slot against the pattern.
+        time_once(copier, &p.plan(&engine.ranges(a, pool, true)))?;
+        for (i, &blk) in a.iter().enumerate() {
+            for (buf, off, len, in_slot) in engine.runs(blk) {
+                let mut got = vec![0u8; len as usize];
+                arena.read(i as u64 * engine.slice_bytes() + in_slot, &mut got)?;
+                if got != engine.expected(buf, off, len) {
+                    return Err(GpuBenchError::Mismatch(format!(
+                        "{} {}-byte blocks: pool slot {i} (block {blk}) differs from the engine after a save",
+                        engine.layout, engine.block_bytes
+                    )));
+                }
+            }
+        }
+        // Poison B, load A's slots into B, check B.
+        for (buf, off, len, _) in b.iter().flat_map(|&blk| engine.runs(blk)) {
+            engine.buffers[buf].write(off as usize, &vec![0xA5; len as usize])?;
+        }
+        time_once(copier, &p.plan(&engine.ranges(b, pool, false)))?;
+        for (i, &blk) in b.iter().enumerate() {
+            let want_runs = engine.runs(a[i]);
+            for (j, (buf, off, len, _)) in engine.runs(blk).into_iter().enumerate() {
+                let mut got = vec![0u8; len as usize];
+                engine.buffers[buf].read(off as usize, &mut got)?;
+                let (wb, wo, wl, _) = want_runs[j];
+                if got != engine.expected(wb, wo, wl) {
+                    return Err(GpuBenchError::Mismatch(format!(
+                        "{} {}-byte blocks: block {blk} after a load differs from block {} it was saved from",
+                        engine.layout, engine.block_bytes, a[i]
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `kvloft bench gpu`: runs the suite and writes its report.
+pub fn main(args: &GpuArgs) -> Result<(), GpuBenchError> {
+    let report = run(args)?;
+    report.write(&args.out).map_err(|error| GpuBenchError::Write { path: args.out.clone(), error })?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
