@@ -6,11 +6,12 @@
 //! batch:
 //!
 //! - [`Method::Dma`]: one `cuMemcpyAsync` per range on the copy engines. Free for the inference
-//!   engine's SMs, and at the PCIe ceiling when ranges are large (the H100 figures in
-//!   research/ceilings.md: 38 GB/s at 256 KiB, 6 GB/s at 16 KiB per block).
+//!   engine's SMs, and at the PCIe ceiling when ranges are large. On the H100 test machine
+//!   (bench/results/2026-11-24-h100-gpu-inprocess.json) DMA reaches 0.95-0.99 of the contiguous
+//!   ceiling with runs of 2 MiB and more, but only 0.63-0.69 at 256 KiB and 0.06-0.14 at 16 KiB.
 //! - [`Method::Kernel`]: a gather/scatter kernel over device-mapped pool pages, with 16-byte
 //!   accesses, on at most `sm_budget` SMs (two CTAs of 512 threads per SM). It reaches the PCIe
-//!   ceiling at any range size (50-52 GB/s at 16 KiB), but SMs it takes are SMs the engine's
+//!   ceiling at any range size (0.89-0.95 of it at 16 KiB with 16 SMs), but SMs it takes are SMs the engine's
 //!   decode does not get, so it is chosen only where DMA would be slow: many ranges whose average
 //!   is below `dma_min_bytes`, and an SM budget above zero.
 //!
@@ -81,7 +82,7 @@ pub const CTAS_PER_SM: u32 = 2;
 
 impl Default for Planner {
     fn default() -> Self {
-        Planner { sm_budget: 16, sm_count: 132, dma_min_bytes: 256 << 10, kernel_min_ranges: 8, chunk_bytes: 64 << 10 }
+        Planner { sm_budget: 16, sm_count: 132, dma_min_bytes: 1 << 20, kernel_min_ranges: 8, chunk_bytes: 64 << 10 }
     }
 }
 
