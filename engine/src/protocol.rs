@@ -367,6 +367,24 @@ pub struct RegisterMemory {
     pub device: String,
     /// One entry per layer, in layer order.
     pub layers: Vec<LayerMemory>,
+    /// With `cuda:N`: the GPU's UUID (16 bytes), which names it whatever the client's
+    /// `CUDA_VISIBLE_DEVICES`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_uuid: Option<serde_bytes::ByteBuf>,
+    /// With `cuda:N`: one entry per layer, where its memory is. A layer's `base` is then an
+    /// offset into the allocation its handle names (not an address).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ipc: Vec<IpcRegion>,
+}
+
+/// A GPU allocation shared by CUDA IPC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpcRegion {
+    /// The 64-byte `cudaIpcMemHandle_t` of the allocation (torch: `_share_cuda_()[1]`).
+    pub handle: serde_bytes::ByteBuf,
+    /// Bytes from the allocation's start to the layer's block 0, segment 0 (torch: the storage's
+    /// offset plus the tensor's storage offset in bytes).
+    pub offset: u64,
 }
 
 /// Answer to `register_memory`.

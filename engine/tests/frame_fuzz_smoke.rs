@@ -130,6 +130,8 @@ impl Gen {
                         segment_bytes: self.u64(),
                     })
                     .collect(),
+                gpu_uuid: None,
+                ipc: vec![],
             }),
             3 => Request::Lookup(Lookup { hashes: (0..self.below(12)).map(|_| self.hash()).collect(), packed: None }),
             4 => Request::Save(Save {
@@ -508,7 +510,13 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     for (id, r) in [
         hello.clone(),
         Request::RegisterInstance(RegisterInstance { instance: "engine-0".into(), namespace }),
-        Request::RegisterMemory(RegisterMemory { rank: 0, device: "cpu".into(), layers: vec![layer; 2] }),
+        Request::RegisterMemory(RegisterMemory {
+            rank: 0,
+            device: "cpu".into(),
+            layers: vec![layer; 2],
+            gpu_uuid: None,
+            ipc: vec![],
+        }),
         lookup.clone(),
         Request::Load(Load { lease: 9, block_ids: vec![3, 4] }),
         Request::Release(Release { lease: 9 }),

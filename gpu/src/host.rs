@@ -162,20 +162,7 @@ impl HostMemory {
         if pid <= 0 {
             return Err(HostError::InvalidPid { pid });
         }
-        if layers.is_empty() {
-            return Err(HostError::NoLayers);
-        }
-        if layers.len() > MAX_LAYERS {
-            return Err(HostError::TooManyLayers { count: layers.len(), max: MAX_LAYERS });
-        }
-        let mut slice_bytes: u64 = 0;
-        for (i, layer) in layers.iter().enumerate() {
-            let layer_bytes = validate_layer(i, layer)?;
-            slice_bytes = slice_bytes
-                .checked_add(layer_bytes)
-                .filter(|&b| b <= isize::MAX as u64)
-                .ok_or_else(|| invalid(i, "segment_bytes", "makes the block slice larger than memory"))?;
-        }
+        let slice_bytes = validate_layers(&layers)?;
         Ok(HostMemory { pid, layers, slice_bytes })
     }
 
@@ -347,6 +334,26 @@ impl HostMemory {
         remote.len = 0;
         Ok(())
     }
+}
+
+/// Checks a KV cache's layer descriptions (the rules of [`HostMemory::new`], shared by every
+/// backend) and returns the bytes of one block's slice: every segment of every layer.
+pub fn validate_layers(layers: &[LayerMemory]) -> Result<u64, HostError> {
+    if layers.is_empty() {
+        return Err(HostError::NoLayers);
+    }
+    if layers.len() > MAX_LAYERS {
+        return Err(HostError::TooManyLayers { count: layers.len(), max: MAX_LAYERS });
+    }
+    let mut slice_bytes: u64 = 0;
+    for (i, layer) in layers.iter().enumerate() {
+        let layer_bytes = validate_layer(i, layer)?;
+        slice_bytes = slice_bytes
+            .checked_add(layer_bytes)
+            .filter(|&b| b <= isize::MAX as u64)
+            .ok_or_else(|| invalid(i, "segment_bytes", "makes the block slice larger than memory"))?;
+    }
+    Ok(slice_bytes)
 }
 
 /// Returns the bytes one block takes in the layer, or why the layer is unusable.

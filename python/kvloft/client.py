@@ -128,7 +128,7 @@ class Client:
         self._generation = 0
         self._next_id = 1
         self._registration: tuple[str, Namespace] | None = None
-        self._memory: tuple[int, list[LayerMemory], str] | None = None
+        self._memory: tuple[int, list[LayerMemory], str, bytes | None, list[tuple[bytes, int]] | None] | None = None
         #: Outcome of the last host-backend access grant (:func:`kvloft.host.grant_access`):
         #: ``True`` granted, ``False`` nothing to grant (no Yama), ``None`` not attempted.
         self.access_granted: bool | None = None
@@ -244,7 +244,12 @@ class Client:
             return reply
 
     def register_memory(
-        self, rank: int, layers: Sequence[LayerMemory], device: str = "cpu"
+        self,
+        rank: int,
+        layers: Sequence[LayerMemory],
+        device: str = "cpu",
+        gpu_uuid: bytes | None = None,
+        ipc: Sequence[tuple[bytes, int]] | None = None,
     ) -> dict[str, Any]:
         """Hand over where this worker's KV cache lives; the connection becomes rank ``rank``.
 
@@ -256,16 +261,30 @@ class Client:
         reply: ``slice_bytes``, this rank's bytes of one block. Needs
         :meth:`register_instance` first (``not_registered``); ``mismatch`` when the rank is
         out of range or the slice size disagrees with the instance's other ranks.
+
+        For ``"cuda:N"`` (the server's ``cuda`` backend, on the same machine): ``gpu_uuid`` is
+        the GPU's 16-byte UUID and ``ipc`` has one ``(handle, offset)`` per layer, the 64-byte
+        CUDA IPC handle of the allocation the layer lives in and the byte offset of its block 0
+        in it; each layer's ``base`` is then ignored (:func:`kvloft.gpu.cuda_layers` builds all
+        of it from torch tensors).
         """
         rank = check_u32("rank", rank)
         layers = list(layers) if not isinstance(layers, LayerMemory) else layers
         layers_to_wire(layers)  # checks before anything is sent
         if not isinstance(device, str) or not device:
             raise ValueError(f"device must be 'cpu' or 'cuda:N', got {device!r}")
+        ipc_list = None
+        if device.startswith("cuda"):
+            if not isinstance(gpu_uuid, (bytes, bytearray)) or len(gpu_uuid) != 16:
+                raise ValueError("a cuda registration needs gpu_uuid: the GPU's 16-byte UUID")
+            ipc_list = [(bytes(h), int(o)) for h, o in (ipc or [])]
+            if len(ipc_list) != len(layers) or any(len(h) != 64 or o < 0 for h, o in ipc_list):
+                raise ValueError("a cuda registration needs one (64-byte IPC handle, offset >= 0) per layer")
+            gpu_uuid = bytes(gpu_uuid)
         with self._lock:
             self._ensure_locked(replay_memory=False)
-            reply = self._register_memory_locked(rank, layers, device)
-            self._memory = (rank, layers, device)
+            reply = self._register_memory_locked(rank, layers, device, gpu_uuid, ipc_list)
+            self._memory = (rank, layers, device, gpu_uuid, ipc_list)
             return reply
 
     def lookup(self, hashes: Iterable[bytes]) -> LookupResult:
@@ -479,14 +498,23 @@ class Client:
             {"op": "register_instance", "instance": instance, "namespace": namespace.to_wire()}
         )
 
-    def _register_memory_locked(self, rank: int, layers: list[LayerMemory], device: str) -> dict[str, Any]:
+    def _register_memory_locked(
+        self,
+        rank: int,
+        layers: list[LayerMemory],
+        device: str,
+        gpu_uuid: bytes | None = None,
+        ipc: list[tuple[bytes, int]] | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"op": "register_memory", "rank": rank, "device": device, "layers": layers_to_wire(layers)}
         if device == "cpu":
             pid = self.server_pid
             if pid is not None:
                 self.access_granted = grant_access(pid)
-        return self._roundtrip_locked(
-            {"op": "register_memory", "rank": rank, "device": device, "layers": layers_to_wire(layers)}
-        )
+        else:
+            body["gpu_uuid"] = gpu_uuid
+            body["ipc"] = [{"handle": h, "offset": o} for h, o in ipc or []]
+        return self._roundtrip_locked(body)
 
     def _submit(self, op: str, blocks: int, body: dict[str, Any]) -> int:
         """Send a save or load and note it as in flight; returns its request id."""

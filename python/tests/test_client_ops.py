@@ -74,10 +74,11 @@ def test_namespace_wire_form_mirrors_namespacespec() -> None:
         "tp_size": 1,
         "pp_size": 1,
         "group": 0,
+        "variant": "",
     }
     assert list(ns.to_wire()) == [  # the Rust field order
         "model", "dtype", "kv_dtype", "num_layers", "num_kv_heads", "head_size",
-        "block_size", "layout", "tp_size", "pp_size", "group",
+        "block_size", "layout", "tp_size", "pp_size", "group", "variant",
     ]
     assert Namespace.from_wire({**ns.to_wire(), "future": 1}) == ns
     assert make_namespace(tp_size=2, pp_size=2).ranks == 4
@@ -124,11 +125,17 @@ def test_cuda_memory_grants_nothing(fake: Fake, monkeypatch: pytest.MonkeyPatch)
         _register(peer)
         rid, body = peer.expect("register_memory")
         assert body["device"] == "cuda:1"
+        assert body["gpu_uuid"] == bytes(range(16))
+        assert body["ipc"] == [{"handle": b"h" * 64, "offset": 4096}]
         peer.reply(rid, {"op": "register_memory", "slice_bytes": 256})
 
     with _client(fake(script)) as client:
         client.register_instance("engine-0", make_namespace())
-        client.register_memory(3, [LAYER], device="cuda:1")
+        with pytest.raises(ValueError, match="gpu_uuid"):
+            client.register_memory(3, [LAYER], device="cuda:1")
+        with pytest.raises(ValueError, match="IPC handle"):
+            client.register_memory(3, [LAYER], device="cuda:1", gpu_uuid=bytes(range(16)), ipc=[])
+        client.register_memory(3, [LAYER], device="cuda:1", gpu_uuid=bytes(range(16)), ipc=[(b"h" * 64, 4096)])
         assert client.access_granted is None
 
 

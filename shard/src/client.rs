@@ -106,7 +106,13 @@ impl Client {
     /// First grants the server access to this process's memory where Yama restricts ptrace.
     pub fn register_memory(&mut self, rank: u32, layers: Vec<LayerMemory>) -> Result<u64, ClientError> {
         grant_access(self.server.pid);
-        match self.call(&Request::RegisterMemory(RegisterMemory { rank, device: "cpu".into(), layers }))? {
+        match self.call(&Request::RegisterMemory(RegisterMemory {
+            rank,
+            device: "cpu".into(),
+            layers,
+            gpu_uuid: None,
+            ipc: vec![],
+        }))? {
             Reply::RegisterMemory(r) => Ok(r.slice_bytes),
             _ => Err(ClientError::UnexpectedReply("register_memory")),
         }

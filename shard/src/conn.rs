@@ -10,7 +10,7 @@
 
 use crate::acceptor::Peer;
 use crate::shard::{MeshMsg, ShardCtx};
-use crate::store::{self, InstanceOp, LeaseOp, StoreError};
+use crate::store::{self, EngineMemory, InstanceOp, LeaseOp, StoreError};
 use futures_lite::io::{ReadHalf, WriteHalf};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
@@ -71,7 +71,7 @@ async fn write_loop(mut writer: WriteHalf<UnixStream>, outbox: LocalReceiver<Vec
 struct State {
     greeted: bool,
     instance: Option<Instance>,
-    memory: Option<(u32, Arc<HostMemory>)>,
+    memory: Option<(u32, EngineMemory)>,
     leases: Vec<u64>,
 }
 
@@ -180,7 +180,7 @@ impl Connection {
         match request {
             Request::Stats(_) => self.stats().await.map(Reply::Stats),
             Request::RegisterInstance(r) => self.register_instance(r.instance, &r.namespace).await,
-            Request::RegisterMemory(r) => self.register_memory(r.rank, &r.device, r.layers),
+            Request::RegisterMemory(r) => self.register_memory(r),
             Request::Lookup(r) => self.lookup(r).await,
             Request::Save(r) => self.save(frame.request_id, r.blocks),
             Request::Load(r) => self.load(frame.request_id, r.lease, r.block_ids).await,
@@ -215,7 +215,7 @@ impl Connection {
             .ok_or_else(|| Failure(ErrorCode::NotRegistered, "send register_instance on this connection first".into()))
     }
 
-    fn memory(&self) -> Result<(u32, Arc<HostMemory>), Failure> {
+    fn memory(&self) -> Result<(u32, EngineMemory), Failure> {
         self.state.borrow().memory.clone().ok_or_else(|| {
             Failure(ErrorCode::NoMemory, "only a worker that sent register_memory can save and load".into())
         })
@@ -240,7 +240,8 @@ impl Connection {
         Ok(Reply::RegisterInstance(RegisterInstanceReply { namespace_id: ns.to_hex(), slices_per_block: ranks }))
     }
 
-    fn register_memory(&self, rank: u32, device: &str, layers: Vec<protocol::LayerMemory>) -> Result<Reply, Failure> {
+    fn register_memory(&self, r: protocol::RegisterMemory) -> Result<Reply, Failure> {
+        let protocol::RegisterMemory { rank, device, layers, gpu_uuid, ipc } = r;
         let instance = self.instance()?;
         if self.state.borrow().memory.is_some() {
             return Err(Failure(ErrorCode::AlreadyRegistered, "this connection already registered its memory".into()));
@@ -249,12 +250,6 @@ impl Connection {
             return Err(Failure(
                 ErrorCode::Mismatch,
                 format!("rank {rank} is outside the instance's {} ranks (tp_size * pp_size)", instance.ranks),
-            ));
-        }
-        if device != "cpu" {
-            return Err(Failure(
-                ErrorCode::BadRequest,
-                format!("device {device:?} needs the CUDA backend, which this release does not have; register \"cpu\" memory"),
             ));
         }
         if layers.is_empty() {
@@ -266,7 +261,35 @@ impl Connection {
                 format!("at most {MAX_LAYERS} layers per registration, got {}", layers.len()),
             ));
         }
-        let mem = HostMemory::new(self.peer.pid, layers).map_err(|e| Failure(ErrorCode::BadRequest, e.to_string()))?;
+        let mem = if device == "cpu" {
+            let mem =
+                HostMemory::new(self.peer.pid, layers).map_err(|e| Failure(ErrorCode::BadRequest, e.to_string()))?;
+            EngineMemory::Host(Arc::new(mem))
+        } else if device.starts_with("cuda") {
+            let uuid: [u8; 16] =
+                gpu_uuid.as_deref().and_then(|u| <[u8; 16]>::try_from(u.as_slice()).ok()).ok_or_else(|| {
+                    Failure(
+                        ErrorCode::BadRequest,
+                        format!("device {device:?} needs `gpu_uuid`: the GPU's 16-byte UUID"),
+                    )
+                })?;
+            if !kvloft_gpu::cuda::driver_present() {
+                return Err(Failure(
+                    ErrorCode::BadRequest,
+                    "this server has no CUDA driver: register \"cpu\" memory, or run kvloft on the GPU's machine"
+                        .into(),
+                ));
+            }
+            let ipc: Vec<(Vec<u8>, u64)> = ipc.into_iter().map(|r| (r.handle.into_vec(), r.offset)).collect();
+            let mem = kvloft_gpu::cuda::CudaMemory::open(&uuid, layers, &ipc)
+                .map_err(|e| Failure(ErrorCode::BadRequest, format!("GPU memory: {e}")))?;
+            EngineMemory::Cuda(Arc::new(mem))
+        } else {
+            return Err(Failure(
+                ErrorCode::BadRequest,
+                format!("device {device:?} is unknown; use \"cpu\" or \"cuda:N\""),
+            ));
+        };
         let slice_bytes = mem.slice_bytes();
         let smallest_shard = (0..self.ctx.shard_count()).map(|s| self.ctx.shared.topology.shard_pool_bytes(s)).min();
         if smallest_shard.is_some_and(|b| slice_bytes > b) {
@@ -275,7 +298,7 @@ impl Connection {
                 format!("a slice of {slice_bytes} bytes does not fit a shard's pool; raise the pool size"),
             ));
         }
-        self.state.borrow_mut().memory = Some((rank, Arc::new(mem)));
+        self.state.borrow_mut().memory = Some((rank, mem));
         Ok(Reply::RegisterMemory(RegisterMemoryReply { slice_bytes }))
     }
 

@@ -16,6 +16,7 @@ mod acceptor;
 pub mod client;
 mod conn;
 mod error;
+mod gpu_path;
 mod mesh;
 mod metrics;
 pub mod route;

@@ -60,6 +60,9 @@ pub(crate) struct ShardCtx {
     pub router: Router,
     /// This shard's slice index over its arena.
     pub index: RefCell<ShardIndex>,
+    /// The arena's GPU registrations and this shard's copiers. Declared before `arena`, so it
+    /// is dropped (unregistered) first.
+    pub gpu: crate::gpu_path::GpuState,
     /// This shard's slice of the pinned pool.
     pub arena: RefCell<Arena>,
     /// Instances whose home is this shard: name -> (namespace, live connections).
@@ -166,6 +169,7 @@ pub(crate) async fn run(start: ShardStart) {
         mesh,
         metrics,
         index: RefCell::new(index),
+        gpu: Default::default(),
         arena: RefCell::new(arena),
         instances: RefCell::new(HashMap::new()),
         lease_owners: RefCell::new(HashMap::new()),

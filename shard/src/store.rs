@@ -58,6 +58,23 @@ pub(crate) enum OwnerOp {
     Save { mem: Arc<HostMemory>, slice_bytes: u64, items: Vec<(SliceKey, u32)>, reply: flume::Sender<Saved> },
     /// Copy the slices pinned by `lease` into these engine blocks of `mem`, then unpin them.
     Load { mem: Arc<HostMemory>, lease: u64, items: Vec<(SliceKey, u32)>, reply: flume::Sender<Loaded> },
+    /// GPU save, step 1: reserve slots for these slices and report their device addresses on `dev`.
+    GpuReserve {
+        dev: Arc<kvloft_gpu::cuda::Device>,
+        slice_bytes: u64,
+        items: Vec<(SliceKey, u32)>,
+        reply: flume::Sender<crate::gpu_path::GpuReserved>,
+    },
+    /// GPU save, step 2: the copy is done (`ok`) or failed: seal or abort the reserved slices.
+    GpuFinish { keys: Vec<SliceKey>, ok: bool },
+    /// GPU load: the device addresses on `dev` of the slices `lease` pins (the pins stay until
+    /// an `Unpin` after the copy).
+    GpuResolve {
+        dev: Arc<kvloft_gpu::cuda::Device>,
+        lease: u64,
+        items: Vec<(SliceKey, u32)>,
+        reply: flume::Sender<Result<Vec<(u32, u64)>, String>>,
+    },
 }
 
 /// Instances one home shard tracks at most.
@@ -129,6 +146,13 @@ impl ShardCtx {
             }
             OwnerOp::Load { mem, lease, items, reply } => {
                 let _ = reply.try_send(self.load_slices(&mem, lease, items));
+            }
+            OwnerOp::GpuReserve { dev, slice_bytes, items, reply } => {
+                let _ = reply.try_send(self.gpu_reserve(&dev, slice_bytes, items));
+            }
+            OwnerOp::GpuFinish { keys, ok } => self.gpu_finish(keys, ok),
+            OwnerOp::GpuResolve { dev, lease, items, reply } => {
+                let _ = reply.try_send(self.gpu_resolve(&dev, lease, items));
             }
         }
     }
@@ -387,7 +411,7 @@ fn lease_error(e: LeaseError) -> StoreError {
 /// Sends one operation per owner shard and collects the answers. Every request is sent before
 /// any answer is awaited, so the owners work at the same time; this shard's own share is handled
 /// last, after the others have their messages.
-async fn fan_out<I, T>(
+pub(crate) async fn fan_out<I, T>(
     ctx: &Rc<ShardCtx>,
     groups: BTreeMap<ShardId, I>,
     make: impl Fn(I, flume::Sender<T>) -> MeshMsg,
@@ -484,8 +508,52 @@ pub(crate) async fn lookup(
     Ok((hits as u32, lease))
 }
 
+/// An inference process's registered KV memory.
+#[derive(Debug, Clone)]
+pub(crate) enum EngineMemory {
+    /// CPU memory reached by the host backend.
+    Host(Arc<HostMemory>),
+    /// GPU memory opened from CUDA IPC handles.
+    Cuda(Arc<kvloft_gpu::cuda::CudaMemory>),
+}
+
+impl EngineMemory {
+    /// Bytes of one block's slice.
+    pub(crate) fn slice_bytes(&self) -> u64 {
+        match self {
+            Self::Host(m) => m.slice_bytes(),
+            Self::Cuda(m) => m.slice_bytes(),
+        }
+    }
+
+    /// Checks that engine block `block_id` exists in every layer.
+    pub(crate) fn check_block(&self, block_id: u32) -> Result<(), String> {
+        match self {
+            Self::Host(m) => m.check_block(block_id).map_err(|e| e.to_string()),
+            Self::Cuda(m) if m.has_block(block_id) => Ok(()),
+            Self::Cuda(m) => Err(format!(
+                "block id {block_id} is not below num_blocks of every layer ({})",
+                m.layers().iter().map(|l| l.num_blocks).min().unwrap_or(0)
+            )),
+        }
+    }
+}
+
 /// Saves this rank's slices of `blocks` through their owners.
 pub(crate) async fn save(
+    ctx: &Rc<ShardCtx>,
+    mem: EngineMemory,
+    ns: NamespaceId,
+    rank: u32,
+    blocks: Vec<(BlockHash, u32)>,
+) -> Saved {
+    match mem {
+        EngineMemory::Host(mem) => save_host(ctx, mem, ns, rank, blocks).await,
+        EngineMemory::Cuda(mem) => crate::gpu_path::save(ctx, mem, ns, rank, blocks).await,
+    }
+}
+
+async fn save_host(
     ctx: &Rc<ShardCtx>,
     mem: Arc<HostMemory>,
     ns: NamespaceId,
@@ -551,27 +619,32 @@ pub(crate) async fn load_prepare(
 
 /// Copies the planned slices into this rank's engine blocks `block_ids` (one per hit, in order).
 /// Any failure fails the whole load: `loaded` is then 0 and the engine recomputes every block.
-pub(crate) async fn load_copy(ctx: &Rc<ShardCtx>, mem: Arc<HostMemory>, plan: LoadPlan, block_ids: Vec<u32>) -> Loaded {
+pub(crate) async fn load_copy(ctx: &Rc<ShardCtx>, mem: EngineMemory, plan: LoadPlan, block_ids: Vec<u32>) -> Loaded {
     let LoadPlan { lease, ns, hashes, rank } = plan;
     let keys = hashes
         .iter()
         .zip(&block_ids)
         .map(|(hash, id)| (SliceKey { block: BlockKey { ns, hash: *hash }, rank: rank as u16 }, *id));
     let mut total = Loaded::default();
-    let replies = fan_out(ctx, by_owner(ctx, keys), |items, reply| {
-        MeshMsg::Owner(OwnerOp::Load { mem: mem.clone(), lease, items, reply })
-    })
-    .await;
-    for (_, reply) in replies {
-        match reply {
-            Ok(l) if l.error.is_none() => total.loaded += l.loaded,
-            Ok(l) => {
-                total.error = total.error.or(l.error);
-            }
-            Err(StoreError(_, message)) => {
-                total.error = total.error.or(Some(message));
+    match mem {
+        EngineMemory::Host(mem) => {
+            let replies = fan_out(ctx, by_owner(ctx, keys), |items, reply| {
+                MeshMsg::Owner(OwnerOp::Load { mem: mem.clone(), lease, items, reply })
+            })
+            .await;
+            for (_, reply) in replies {
+                match reply {
+                    Ok(l) if l.error.is_none() => total.loaded += l.loaded,
+                    Ok(l) => {
+                        total.error = total.error.or(l.error);
+                    }
+                    Err(StoreError(_, message)) => {
+                        total.error = total.error.or(Some(message));
+                    }
+                }
             }
         }
+        EngineMemory::Cuda(mem) => total = crate::gpu_path::load(ctx, mem, lease, keys.collect()).await,
     }
     let home = lease_home(lease) as ShardId;
     ctx.tell(home, MeshMsg::Lease(LeaseOp::FinishLoad { id: lease, rank })).await;

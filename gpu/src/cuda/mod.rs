@@ -6,6 +6,8 @@
 //! - [`memory`]: device allocations (tests and benches), CUDA IPC import of an inference engine's
 //!   KV-cache allocation, and registration of pool memory with the driver (mapped, so kernels
 //!   can address it; the device pointer is queried, never assumed).
+//! - [`engine_memory`]: an inference engine's KV cache on a GPU, opened from its IPC handles,
+//!   and the ranges that move its blocks to and from pool slots.
 //! - [`kernel`]: the NVRTC-compiled gather/scatter kernel.
 //! - [`copier`]: one stream, its completion event and the range table a kernel reads; submits a
 //!   [`crate::plan::Plan`].
@@ -14,11 +16,13 @@
 
 pub mod copier;
 pub mod device;
+pub mod engine_memory;
 pub mod kernel;
 pub mod memory;
 
 pub use copier::Copier;
 pub use device::{driver_present, Device};
+pub use engine_memory::{device_by_uuid, CudaMemory};
 pub use memory::{DeviceBuffer, HostRegistration, IpcMapping, PinnedBuffer};
 
 use cudarc::driver::sys;

@@ -43,6 +43,8 @@ def attention_layout(layout_name: str | None, use_mla: bool) -> str:
     if use_mla:
         return "mla"
     name = (layout_name or "LBNHC").upper()
+    # vLLM's legacy names for the layer-outermost layouts (its ``_LAYOUT_COMPAT_ALIASES``).
+    name = {"NHD": "LBNHC", "HND": "LBHNC"}.get(name, name)
     if not name.startswith("L"):
         return "cross_layer"
     rest = name[1:].replace("B", "")
