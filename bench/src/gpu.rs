@@ -93,15 +93,12 @@ fn word(layer: u32, off: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn pattern(layer: u32, start: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len);
-    let mut off = start;
-    while out.len() < len {
-        let w = word(layer, off & !7).to_le_bytes();
-        let i = (off & 7) as usize;
-        let take = (8 - i).min(len - out.len());
-        out.extend_from_slice(&w[i..i + take]);
-        off += take as u64;
+/// Layer `layer`'s cache contents: a different word at every 8-byte offset.
+fn pattern(layer: u32, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    for (i, chunk) in out.chunks_mut(8).enumerate() {
+        let w = word(layer, i as u64 * 8).to_le_bytes();
+        chunk.copy_from_slice(&w[..chunk.len()]);
     }
     out
 }
@@ -114,6 +111,8 @@ struct Engine {
     num_blocks: u64,
     /// One buffer per layer, or one for every layer (cross_layer).
     buffers: Vec<DeviceBuffer>,
+    /// What each buffer holds, kept in step with every verified load.
+    mirror: Vec<Vec<u8>>,
 }
 
 impl Engine {
@@ -130,17 +129,13 @@ impl Engine {
         } else {
             (0..layers).map(|_| DeviceBuffer::new(dev.clone(), per_layer)).collect::<Result<_, _>>()?
         };
-        let e = Engine { layout: layout.into(), layers, block_bytes, num_blocks, buffers };
-        for (i, b) in e.buffers.iter().enumerate() {
-            let chunk = 64 << 20;
-            let mut off = 0;
-            while off < b.len() {
-                let n = chunk.min(b.len() - off);
-                b.write(off, &pattern(i as u32, off as u64, n))?;
-                off += n;
-            }
+        let mut mirror = Vec::with_capacity(buffers.len());
+        for (i, b) in buffers.iter().enumerate() {
+            let data = pattern(i as u32, b.len());
+            b.write(0, &data)?;
+            mirror.push(data);
         }
-        Ok(e)
+        Ok(Engine { layout: layout.into(), layers, block_bytes, num_blocks, buffers, mirror })
     }
 
     /// Bytes of one block over every layer: one pool slot.
@@ -180,9 +175,9 @@ impl Engine {
         out
     }
 
-    /// The expected bytes of run `(buf, off, len)` of the pattern.
-    fn expected(&self, buf: usize, off: u64, len: u64) -> Vec<u8> {
-        pattern(buf as u32, off, len as usize)
+    /// What run `(buf, off, len)` holds.
+    fn expected(&self, buf: usize, off: u64, len: u64) -> &[u8] {
+        &self.mirror[buf][off as usize..(off + len) as usize]
     }
 }
 
@@ -207,6 +202,9 @@ pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
     let reg = unsafe { HostRegistration::register(dev.clone(), arena.as_ptr(), arena.len() as usize)? };
     let pool = reg.device_ptr();
     let ceiling_buf = DeviceBuffer::new(dev.clone(), arena_bytes as usize)?;
+    let max_run = args.block_bytes.iter().max().copied().unwrap_or(0) * u64::from(args.layers);
+    let poison = DeviceBuffer::new(dev.clone(), max_run.max(1) as usize)?;
+    poison.fill(0xA5)?;
     let mut copier = Copier::new(dev.clone(), 1 << 22, args.sm_budget > 0)?;
     if let Some(note) = copier.kernel_note() {
         eprintln!("kernel: {note}");
@@ -228,7 +226,7 @@ pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
         let Some(&max_batch) = batches.iter().max() else { continue };
         for layout in &args.layouts {
             let num_blocks = 2 * max_batch as u64;
-            let engine = Engine::new(&dev, layout, args.layers, block_bytes, num_blocks)?;
+            let mut engine = Engine::new(&dev, layout, args.layers, block_bytes, num_blocks)?;
             for &batch in &batches {
                 // Blocks A (saved) and B (loaded into), disjoint, random order.
                 let mut ids: Vec<u64> = (0..num_blocks).collect();
@@ -237,7 +235,7 @@ pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
                 }
                 let (a, b) = (ids[..batch].to_vec(), ids[batch..2 * batch].to_vec());
                 let bytes = batch as u64 * slice;
-                verify(&engine, &mut copier, &arena, pool, &a, &b, &planner)?;
+                verify(&mut engine, &mut copier, &arena, pool, &poison, (&a, &b), &planner)?;
                 for (dir, d2h) in [("d2h", true), ("h2d", false)] {
                     let blocks = if d2h { &a } else { &b };
                     let ranges = engine.ranges(blocks, pool, d2h);
@@ -340,24 +338,25 @@ fn time_plan(copier: &mut Copier, plan: &Plan, reps: u32) -> Result<f64, GpuBenc
 }
 
 /// Saves blocks `a` into the pool and checks the pool; loads them into blocks `b` (poisoned
-/// first) with the kernel and with DMA, and checks the engine memory.
+/// first) and checks the engine memory; once with the kernel and once with DMA.
 fn verify(
-    engine: &Engine,
+    engine: &mut Engine,
     copier: &mut Copier,
     arena: &Arena,
     pool: u64,
-    a: &[u64],
-    b: &[u64],
+    poison: &DeviceBuffer,
+    (a, b): (&[u64], &[u64]),
     planner: &Planner,
 ) -> Result<(), GpuBenchError> {
     let planners =
         [Planner { kernel_min_ranges: 1, dma_min_bytes: u64::MAX, ..*planner }, Planner { sm_budget: 0, ..*planner }];
     for p in planners {
-        // Save A and check every slot against the pattern.
+        // Save A and check every slot against the engine's bytes.
         time_once(copier, &p.plan(&engine.ranges(a, pool, true)))?;
+        let mut got = Vec::new();
         for (i, &blk) in a.iter().enumerate() {
             for (buf, off, len, in_slot) in engine.runs(blk) {
-                let mut got = vec![0u8; len as usize];
+                got.resize(len as usize, 0);
                 arena.read(i as u64 * engine.slice_bytes() + in_slot, &mut got)?;
                 if got != engine.expected(buf, off, len) {
                     return Err(GpuBenchError::Mismatch(format!(
@@ -367,18 +366,27 @@ fn verify(
                 }
             }
         }
-        // Poison B, load A's slots into B, check B.
-        for (buf, off, len, _) in b.iter().flat_map(|&blk| engine.runs(blk)) {
-            engine.buffers[buf].write(off as usize, &vec![0xA5; len as usize])?;
-        }
+        // Poison B (a device-to-device copy from a buffer of 0xA5), load A's slots into B.
+        let poison_ranges: Vec<Range> = b
+            .iter()
+            .flat_map(|&blk| engine.runs(blk))
+            .map(|(buf, off, len, _)| Range { src: poison.ptr(), dst: engine.buffers[buf].ptr() + off, len })
+            .collect();
+        time_once(copier, &Plan { method: Method::Dma, ranges: kvloft_gpu::plan::merge(&poison_ranges) })?;
         time_once(copier, &p.plan(&engine.ranges(b, pool, false)))?;
+        let device: Vec<Vec<u8>> = engine
+            .buffers
+            .iter()
+            .map(|d| {
+                let mut v = vec![0u8; d.len()];
+                d.read(0, &mut v).map(|()| v)
+            })
+            .collect::<Result<_, _>>()?;
         for (i, &blk) in b.iter().enumerate() {
             let want_runs = engine.runs(a[i]);
             for (j, (buf, off, len, _)) in engine.runs(blk).into_iter().enumerate() {
-                let mut got = vec![0u8; len as usize];
-                engine.buffers[buf].read(off as usize, &mut got)?;
                 let (wb, wo, wl, _) = want_runs[j];
-                if got != engine.expected(wb, wo, wl) {
+                if device[buf][off as usize..(off + len) as usize] != *engine.expected(wb, wo, wl) {
                     return Err(GpuBenchError::Mismatch(format!(
                         "{} {}-byte blocks: block {blk} after a load differs from block {} it was saved from",
                         engine.layout, engine.block_bytes, a[i]
@@ -386,6 +394,8 @@ fn verify(
                 }
             }
         }
+        // B now holds A's bytes: keep the mirror in step.
+        engine.mirror = device;
     }
     Ok(())
 }

@@ -29,13 +29,35 @@ def gpu_uuid(device: Any) -> bytes:
     return _uuid.UUID(text).bytes
 
 
+#: torch's shareable-handle format: a version byte, a kind byte, then the handle
+#: (c10/cuda/CUDACachingAllocator.cpp: SHAREABLE_HANDLE_VERSION, ShareableHandleType).
+_TORCH_HANDLE_KIND_CUDA_MALLOC = ord("c")
+_TORCH_HANDLE_KIND_EXPANDABLE = ord("e")
+
+
+def cuda_ipc_handle(raw: bytes) -> bytes:
+    """The 64-byte ``cudaIpcMemHandle_t`` in what torch's ``_share_cuda_()`` returns: the bare
+    handle (older torch) or torch's versioned form (2 bytes, then the handle)."""
+    raw = bytes(raw)
+    if len(raw) == 64:
+        return raw
+    if len(raw) == 66 and raw[1] == _TORCH_HANDLE_KIND_CUDA_MALLOC:
+        return raw[2:]
+    if len(raw) >= 2 and raw[1] == _TORCH_HANDLE_KIND_EXPANDABLE:
+        raise ValueError(
+            "the KV cache was allocated with expandable segments (PYTORCH_CUDA_ALLOC_CONF="
+            "expandable_segments:True), which CUDA IPC handles cannot share; unset it for kvloft"
+        )
+    raise ValueError(f"unrecognised CUDA IPC handle from torch ({len(raw)} bytes)")
+
+
 def ipc_region(tensor: Any) -> tuple[bytes, int]:
     """``(handle, offset)`` of a CUDA tensor: the IPC handle of its allocation and the byte
     offset of its first element in it."""
     storage = tensor.untyped_storage()
     shared = storage._share_cuda_()
     handle, storage_offset = shared[1], shared[3]
-    return bytes(handle), int(storage_offset) + tensor.storage_offset() * tensor.element_size()
+    return cuda_ipc_handle(handle), int(storage_offset) + tensor.storage_offset() * tensor.element_size()
 
 
 def cuda_layers(tensors: Sequence[Any], num_blocks: int) -> tuple[list[LayerMemory], list[tuple[bytes, int]], bytes]:

@@ -123,6 +123,25 @@ def stop(server: RunningServer) -> None:
         fail_with_log(f"the server left its socket file {server.socket_path} behind after SIGTERM", server)
 
 
+def restart(server: RunningServer) -> None:
+    """Start a fresh ``kvloft serve`` on the socket of ``server``, whose process a test killed
+    (the fixture's teardown then stops the new one); waits until it answers hello."""
+    if server.process.poll() is None:
+        server.process.kill()
+    server.process.wait()
+    try:
+        os.unlink(server.socket_path)
+    except FileNotFoundError:
+        pass
+    cmd = [
+        str(require_binary()), "serve", "--socket", server.socket_path, "--metrics-addr", "off",
+        "--pool-size", POOL_SIZE,
+    ]
+    with open(server.log_path, "ab") as log:
+        server.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    wait_ready(server, cmd)
+
+
 def python_env() -> dict[str, str]:
     """The environment for a child Python process that imports this checkout's kvloft."""
     env = dict(os.environ)
