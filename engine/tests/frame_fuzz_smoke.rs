@@ -136,8 +136,13 @@ impl Gen {
             3 => Request::Lookup(Lookup { hashes: (0..self.below(12)).map(|_| self.hash()).collect(), packed: None }),
             4 => Request::Save(Save {
                 blocks: (0..self.below(8)).map(|_| SaveBlock { hash: self.hash(), block_id: self.u32() }).collect(),
+                packed: None,
             }),
-            5 => Request::Load(Load { lease: self.u64(), block_ids: (0..self.below(8)).map(|_| self.u32()).collect() }),
+            5 => Request::Load(Load {
+                lease: self.u64(),
+                block_ids: (0..self.below(8)).map(|_| self.u32()).collect(),
+                block_ids_packed: None,
+            }),
             6 => Request::Release(Release { lease: self.u64() }),
             _ => Request::Stats(StatsRequest {}),
         }
@@ -482,6 +487,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let lookup = Request::Lookup(Lookup { hashes: hashes.clone(), packed: None });
     let save = Request::Save(Save {
         blocks: hashes.iter().enumerate().map(|(i, h)| SaveBlock { hash: h.clone(), block_id: i as u32 }).collect(),
+        packed: None,
     });
     let namespace = NamespaceSpec {
         model: "Qwen/Qwen3-0.6B".into(),
@@ -518,7 +524,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             ipc: vec![],
         }),
         lookup.clone(),
-        Request::Load(Load { lease: 9, block_ids: vec![3, 4] }),
+        Request::Load(Load { lease: 9, block_ids: vec![3, 4], block_ids_packed: None }),
         Request::Release(Release { lease: 9 }),
     ]
     .iter()

@@ -41,10 +41,11 @@ from .protocol import (
 from .store import (
     LayerMemory,
     LookupResult,
-    block_ids_to_wire,
     hashes_to_wire,
     layers_to_wire,
     lease_to_wire,
+    pack_block_ids,
+    pack_save,
     save_blocks_to_wire,
 )
 
@@ -326,6 +327,11 @@ class Client:
         the completion with :meth:`wait_event`. Needs :meth:`register_memory` first
         (``no_memory``).
         """
+        blocks = blocks if isinstance(blocks, list) else list(blocks)
+        packed = pack_save(blocks)
+        if packed is not None:
+            count = len(packed["block_ids"]) // 4
+            return self._submit_and_wait("save", count, {"op": "save", "packed": packed}, wait, timeout)
         wire = save_blocks_to_wire(blocks)
         return self._submit_and_wait("save", len(wire), {"op": "save", "blocks": wire}, wait, timeout)
 
@@ -347,10 +353,9 @@ class Client:
         ``no_memory``) and leaves the destination blocks untouched.
         """
         wire_lease = lease_to_wire(lease)
-        ids = block_ids_to_wire(block_ids)
-        return self._submit_and_wait(
-            "load", len(ids), {"op": "load", "lease": wire_lease, "block_ids": ids}, wait, timeout
-        )
+        packed = pack_block_ids(block_ids)
+        body = {"op": "load", "lease": wire_lease, "block_ids_packed": packed}
+        return self._submit_and_wait("load", len(packed) // 4, body, wait, timeout)
 
     def release(self, lease: int | LookupResult) -> None:
         """Give up a lease without loading (the rest of) it.

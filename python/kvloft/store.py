@@ -7,6 +7,8 @@ before anything is sent, so a bad batch never costs a round trip or a server err
 
 from __future__ import annotations
 
+import struct
+
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -148,6 +150,42 @@ def save_blocks_to_wire(blocks: Iterable[tuple[object, int]]) -> list[dict[str, 
         )
     check_batch("save", len(out))
     return out
+
+
+def pack_save(blocks: Iterable[tuple[object, int]]) -> dict[str, Any] | None:
+    """The ``packed`` form of a ``save`` (``{"hash_bytes", "hashes", "block_ids"}``) when every
+    hash is ``bytes`` of one valid length and every block id a u32; ``None`` otherwise (the
+    caller then sends the checked list form, whose errors name the bad entry)."""
+    blocks = blocks if isinstance(blocks, list) else list(blocks)
+    if not blocks or len(blocks) > MAX_BATCH_BLOCKS or set(map(type, blocks)) != {tuple}:
+        return None
+    if set(map(len, blocks)) != {2}:
+        return None
+    hashes, ids = zip(*blocks)
+    if set(map(type, hashes)) != {bytes} or set(map(type, ids)) != {int}:
+        return None  # other types (bytearray, bool, ...) take the checked path
+    lengths = set(map(len, hashes))
+    n = lengths.pop()
+    if lengths or not 1 <= n <= MAX_HASH_BYTES:
+        return None
+    try:
+        packed_ids = struct.pack(f"<{len(ids)}I", *ids)
+    except struct.error:
+        return None
+    return {"hash_bytes": n, "hashes": b"".join(hashes), "block_ids": packed_ids}
+
+
+def pack_block_ids(block_ids: Iterable[int]) -> bytes:
+    """The ``block_ids_packed`` form of a ``load``: little-endian u32s (checked)."""
+    ids = block_ids if isinstance(block_ids, list) else list(block_ids)
+    try:
+        if all(type(i) is int for i in ids):
+            packed = struct.pack(f"<{len(ids)}I", *ids)
+            check_batch("load", len(ids))
+            return packed
+    except struct.error:
+        pass
+    return struct.pack(f"<{len(ids)}I", *block_ids_to_wire(ids))
 
 
 def block_ids_to_wire(block_ids: Iterable[int]) -> list[int]:

@@ -40,7 +40,10 @@ def _register(peer: Peer, memory: bool = False) -> None:
 
 def _queued(peer: Peer, op: str) -> tuple[int, dict[str, Any]]:
     rid, body = peer.expect(op)
-    n = len(body["blocks"] if op == "save" else body["block_ids"])
+    if op == "save":
+        n = len(body["packed"]["block_ids"]) // 4 if "packed" in body else len(body["blocks"])
+    else:
+        n = len(body["block_ids_packed"]) // 4 if "block_ids_packed" in body else len(body["block_ids"])
     peer.reply(rid, {"op": op, "blocks": n})
     return rid, body
 
@@ -196,7 +199,8 @@ def test_save_waits_for_its_own_completion(fake: Fake) -> None:
     def script(peer: Peer) -> None:
         peer.hello()
         rid, body = _queued(peer, "save")
-        assert body["blocks"] == [{"hash": H1, "block_id": 5}, {"hash": H2, "block_id": 6}]
+        # Hashes of one length travel packed: hashes back to back, block ids as u32 LE.
+        assert body["packed"] == {"hash_bytes": len(H1), "hashes": H1 + H2, "block_ids": bytes([5, 0, 0, 0, 6, 0, 0, 0])}
         peer.event(rid + 1000, {"op": "save_done", "saved": 9, "present": 0, "failed": 0, "error": None})
         peer.event(rid, _save_done(1, present=1))
         peer.recv()
@@ -215,7 +219,7 @@ def test_completions_are_collected_in_any_order(fake: Fake) -> None:
         save1, _ = _queued(peer, "save")
         save2, _ = _queued(peer, "save")
         load, body = _queued(peer, "load")
-        assert body == {"op": "load", "lease": 9, "block_ids": [3, 4]}
+        assert body == {"op": "load", "lease": 9, "block_ids_packed": bytes([3, 0, 0, 0, 4, 0, 0, 0])}
         peer.event(load, {"op": "load_done", "loaded": 2, "error": None})
         peer.event(save2, _save_done(2))
         peer.event(save1, _save_done(1))

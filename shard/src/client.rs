@@ -2,7 +2,7 @@
 
 use kvloft_engine::protocol::{
     self, BlockHashBytes, ErrorCode, ErrorReply, Event, FrameError, FrameKind, Hello, HelloReply, LayerMemory, Load,
-    LoadDone, Lookup, LookupReply, NamespaceSpec, PackedHashes, RegisterInstance, RegisterInstanceReply,
+    LoadDone, Lookup, LookupReply, NamespaceSpec, PackedHashes, PackedSave, RegisterInstance, RegisterInstanceReply,
     RegisterMemory, Release, Reply, Request, Save, SaveBlock, SaveDone, StatsReply, StatsRequest, PROTOCOL_VERSION,
 };
 use std::collections::VecDeque;
@@ -133,9 +133,17 @@ impl Client {
 
     /// Saves `(hash, engine block id)` pairs and waits for the completion.
     pub fn save(&mut self, blocks: &[(Vec<u8>, u32)]) -> Result<SaveDone, ClientError> {
-        let blocks =
-            blocks.iter().map(|(h, id)| SaveBlock { hash: BlockHashBytes::from(h.clone()), block_id: *id }).collect();
-        let id = self.send(&Request::Save(Save { blocks }))?;
+        let request = match PackedSave::pack(blocks.iter().map(|(h, id)| (h.as_slice(), *id))) {
+            Some(packed) => Save { blocks: vec![], packed: Some(packed) },
+            None => Save {
+                blocks: blocks
+                    .iter()
+                    .map(|(h, id)| SaveBlock { hash: BlockHashBytes::from(h.clone()), block_id: *id })
+                    .collect(),
+                packed: None,
+            },
+        };
+        let id = self.send(&Request::Save(request))?;
         self.expect_queued(id, "save")?;
         match self.wait_event(id)? {
             Event::SaveDone(d) => Ok(d),
@@ -145,7 +153,9 @@ impl Client {
 
     /// Loads the lease's first `block_ids.len()` hits into these engine blocks and waits.
     pub fn load(&mut self, lease: u64, block_ids: &[u32]) -> Result<LoadDone, ClientError> {
-        let id = self.send(&Request::Load(Load { lease, block_ids: block_ids.to_vec() }))?;
+        let packed = block_ids.iter().flat_map(|id| id.to_le_bytes()).collect::<Vec<u8>>();
+        let request = Load { lease, block_ids: vec![], block_ids_packed: Some(BlockHashBytes::from(packed)) };
+        let id = self.send(&Request::Load(request))?;
         self.expect_queued(id, "load")?;
         match self.wait_event(id)? {
             Event::LoadDone(d) => Ok(d),

@@ -182,8 +182,20 @@ impl Connection {
             Request::RegisterInstance(r) => self.register_instance(r.instance, &r.namespace).await,
             Request::RegisterMemory(r) => self.register_memory(r),
             Request::Lookup(r) => self.lookup(r).await,
-            Request::Save(r) => self.save(frame.request_id, r.blocks),
-            Request::Load(r) => self.load(frame.request_id, r.lease, r.block_ids).await,
+            Request::Save(r) => self.save(frame.request_id, r),
+            Request::Load(r) => {
+                let ids = match r.block_ids_packed {
+                    Some(_) if !r.block_ids.is_empty() => {
+                        return Err(Failure(
+                            ErrorCode::BadRequest,
+                            "send block_ids either as a list or packed, not both".into(),
+                        ))
+                    }
+                    Some(bytes) => protocol::unpack_u32s(&bytes).map_err(|e| Failure(ErrorCode::BadRequest, e))?,
+                    None => r.block_ids,
+                };
+                self.load(frame.request_id, r.lease, ids).await
+            }
             Request::Release(r) => self.release(r.lease).await,
             other => Err(Failure(ErrorCode::UnknownOp, format!("`{}` is not served by this server", other.op()))),
         }
@@ -329,16 +341,23 @@ impl Connection {
         Ok(Reply::Lookup(LookupReply { hits, lease, lease_ttl_s: (DEFAULT_LEASE_TTL_MS / 1000) as u32 }))
     }
 
-    fn save(self: &Rc<Self>, request_id: u64, blocks: Vec<protocol::SaveBlock>) -> Result<Reply, Failure> {
+    fn save(self: &Rc<Self>, request_id: u64, request: protocol::Save) -> Result<Reply, Failure> {
         let instance = self.instance()?;
         let (rank, mem) = self.memory()?;
-        if blocks.len() > MAX_BATCH_BLOCKS {
-            return Err(too_many(blocks.len()));
+        let pairs: Vec<(&[u8], u32)> = match &request.packed {
+            Some(_) if !request.blocks.is_empty() => {
+                return Err(Failure(ErrorCode::BadRequest, "send blocks either as a list or packed, not both".into()))
+            }
+            Some(packed) => packed.blocks().map_err(|e| Failure(ErrorCode::BadRequest, e))?,
+            None => request.blocks.iter().map(|b| (b.hash.as_slice(), b.block_id)).collect(),
+        };
+        if pairs.len() > MAX_BATCH_BLOCKS {
+            return Err(too_many(pairs.len()));
         }
-        let mut items = Vec::with_capacity(blocks.len());
-        for (i, b) in blocks.into_iter().enumerate() {
-            mem.check_block(b.block_id).map_err(|e| Failure(ErrorCode::BlockOutOfRange, format!("block {i}: {e}")))?;
-            items.push((block_hash(i, &b.hash)?, b.block_id));
+        let mut items = Vec::with_capacity(pairs.len());
+        for (i, (hash, block_id)) in pairs.into_iter().enumerate() {
+            mem.check_block(block_id).map_err(|e| Failure(ErrorCode::BlockOutOfRange, format!("block {i}: {e}")))?;
+            items.push((block_hash(i, hash)?, block_id));
         }
         let count = items.len() as u32;
         let conn = self.clone();
