@@ -176,7 +176,11 @@ fn validate(spec: &NamespaceSpec) -> Result<(), NamespaceError> {
         return Err(NamespaceError::UnknownLayout { found: spec.layout.clone() });
     }
     if spec.variant.len() > MAX_NAMESPACE_STR_BYTES {
-        return Err(NamespaceError::TooLong { field: "variant", len: spec.variant.len(), max: MAX_NAMESPACE_STR_BYTES });
+        return Err(NamespaceError::TooLong {
+            field: "variant",
+            len: spec.variant.len(),
+            max: MAX_NAMESPACE_STR_BYTES,
+        });
     }
     Ok(())
 }
