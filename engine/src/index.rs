@@ -14,6 +14,12 @@
 //! therefore churns only the small queue and leaves the working set in main alone. Hits are
 //! counted by [`ShardIndex::pin`] (a lookup that found the slice), 0 to [`FREQ_MAX`].
 //!
+//! Pins: each lease's pins on this shard are a list of keys in the order they were taken (a
+//! multiset: a key pinned twice by one lease holds two pins). A pin is one entry lookup and a
+//! push; dropping a lease's pins walks its list. There is no per-pin table: the calls that drop
+//! part of a lease's pins ([`ShardIndex::truncate_pins`], [`ShardIndex::unpin_rank`]) and the
+//! check before a load ([`ShardIndex::pinned_slots`]) work on the lease's whole list at once.
+//!
 //! Bounds: `max_entries` entries (writing and sealed), a ghost queue of [`GHOST_PERCENT`] of that,
 //! [`MAX_LEASES_PER_SHARD`] leases holding pins and [`MAX_PINS_PER_SHARD`] pin records.
 
@@ -27,7 +33,6 @@ use std::collections::{BTreeSet, VecDeque};
 /// Hash maps keyed by client-chosen hashes: foldhash is several times faster than SipHash on these
 /// short keys and is seeded per process, so clients still cannot aim collisions at it.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 /// What [`ShardIndex::reserve`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,18 +96,22 @@ enum State {
 struct Entry {
     slot: Slot,
     state: State,
-    /// Leases pinning the entry (each at most once).
+    /// Pin records on the entry, over all leases.
     pins: u32,
     /// Hits, 0..=FREQ_MAX.
     freq: u8,
 }
 
-/// One lease's pins on this shard.
+/// One lease's pins on this shard: never empty (a lease whose last pin goes is forgotten).
 #[derive(Debug)]
 struct LeasePins {
     expires_ms: u64,
-    keys: HashSet<SliceKey>,
+    /// The pinned keys in pin order; a key appears once per pin.
+    keys: Vec<SliceKey>,
 }
+
+/// Capacity of a new lease's pin list: one lookup usually pins many slices on a shard.
+const FIRST_PIN_CAPACITY: usize = 16;
 
 /// One shard's slice index; see the module doc.
 #[derive(Debug)]
@@ -222,14 +231,19 @@ impl ShardIndex {
     }
 
     /// Pins sealed slice `key` for `lease` until it is unpinned or `expires_ms` passes, counts a
-    /// hit, and returns its slot. Pinning a key the lease already pins adds no pin and no hit. `None`
-    /// when the slice is not sealed here, or when the lease or pin tables are at their bound:
-    /// either way the caller treats the slice as a miss, which only costs recomputation.
+    /// hit, and returns its slot. Each call adds one pin record, also for a key the lease already
+    /// pins (the pins of a lease are a multiset; each goes with the lease, or with
+    /// [`ShardIndex::truncate_pins`] or [`ShardIndex::unpin_rank`]). `None` when the slice is not
+    /// sealed here, or when the lease or pin tables are at their bound: either way the caller
+    /// treats the slice as a miss, which only costs recomputation.
     ///
     /// `expires_ms` is the lease's; a later value for the same lease extends all its pins. A
     /// runtime whose copies outlive the lease should pass its expiry plus the longest copy time.
     pub fn pin(&mut self, key: SliceKey, lease: u64, expires_ms: u64) -> Option<Slot> {
         let e = self.entries.get_mut(&key).filter(|e| e.state != State::Writing)?;
+        if self.pin_records >= MAX_PINS_PER_SHARD {
+            return None;
+        }
         match self.leases.get_mut(&lease) {
             Some(lp) => {
                 if expires_ms > lp.expires_ms {
@@ -237,19 +251,15 @@ impl ShardIndex {
                     self.expiry.insert((expires_ms, lease));
                     lp.expires_ms = expires_ms;
                 }
-                if lp.keys.contains(&key) {
-                    return Some(e.slot);
-                }
-                if self.pin_records >= MAX_PINS_PER_SHARD {
-                    return None;
-                }
-                lp.keys.insert(key);
+                lp.keys.push(key);
             }
             None => {
-                if self.leases.len() >= MAX_LEASES_PER_SHARD || self.pin_records >= MAX_PINS_PER_SHARD {
+                if self.leases.len() >= MAX_LEASES_PER_SHARD {
                     return None;
                 }
-                self.leases.insert(lease, LeasePins { expires_ms, keys: HashSet::from_iter([key]) });
+                let mut keys = Vec::with_capacity(FIRST_PIN_CAPACITY);
+                keys.push(key);
+                self.leases.insert(lease, LeasePins { expires_ms, keys });
                 self.expiry.insert((expires_ms, lease));
             }
         }
@@ -263,29 +273,47 @@ impl ShardIndex {
         Some(e.slot)
     }
 
-    /// Drops `lease`'s pin on `key`. Returns false when the lease did not pin it.
-    pub fn unpin(&mut self, key: SliceKey, lease: u64) -> bool {
-        let Some(lp) = self.leases.get_mut(&lease) else { return false };
-        if !lp.keys.remove(&key) {
-            return false;
+    /// Keeps the first `keep` pins `lease` took on this shard (in pin order) and drops the rest;
+    /// returns how many were dropped. A lookup pins its keys in request order, so this drops the
+    /// hits past the leading prefix.
+    pub fn truncate_pins(&mut self, lease: u64, keep: usize) -> usize {
+        if keep == 0 {
+            return self.unpin_lease(lease);
         }
+        let Some(lp) = self.leases.get_mut(&lease) else { return 0 };
+        if lp.keys.len() <= keep {
+            return 0;
+        }
+        let dropped: Vec<SliceKey> = lp.keys.drain(keep..).collect();
+        self.drop_pins(&dropped);
+        dropped.len()
+    }
+
+    /// Drops every pin of `lease` on slices of rank `rank`; returns how many. A rank loads a lease
+    /// once, so after its load these pins protect nothing.
+    pub fn unpin_rank(&mut self, lease: u64, rank: u16) -> usize {
+        let Some(lp) = self.leases.get_mut(&lease) else { return 0 };
+        let mut dropped = Vec::new();
+        lp.keys.retain(|k| {
+            let drop = k.rank == rank;
+            if drop {
+                dropped.push(*k);
+            }
+            !drop
+        });
         if lp.keys.is_empty() {
             self.expiry.remove(&(lp.expires_ms, lease));
             self.leases.remove(&lease);
         }
-        self.pin_records -= 1;
-        self.drop_pin(key);
-        true
+        self.drop_pins(&dropped);
+        dropped.len()
     }
 
     /// Drops every pin of `lease` on this shard; returns how many.
     pub fn unpin_lease(&mut self, lease: u64) -> usize {
         let Some(lp) = self.leases.remove(&lease) else { return 0 };
         self.expiry.remove(&(lp.expires_ms, lease));
-        self.pin_records -= lp.keys.len();
-        for &key in &lp.keys {
-            self.drop_pin(key);
-        }
+        self.drop_pins(&lp.keys);
         lp.keys.len()
     }
 
@@ -321,9 +349,27 @@ impl ShardIndex {
     }
 
     /// The slot of `key` if `lease` pins it: the slot a load may read (pinned, so not evicted).
+    /// Walks the lease's pins; to check many keys, use [`ShardIndex::pinned_slots`].
     pub fn pinned_slot(&self, key: SliceKey, lease: u64) -> Option<Slot> {
         self.leases.get(&lease).filter(|lp| lp.keys.contains(&key))?;
         self.entries.get(&key).map(|e| e.slot)
+    }
+
+    /// The slots of `keys` (in their order) if `lease` pins every one of them, else `None`. A
+    /// load asks for a prefix of the slices its lookup pinned, in order, so the keys are first
+    /// matched as a subsequence of the lease's pin list (no hashing); keys in any other order are
+    /// checked against a set of the lease's pins.
+    pub fn pinned_slots(&self, lease: u64, keys: &[SliceKey]) -> Option<Vec<Slot>> {
+        let lp = self.leases.get(&lease)?;
+        let mut pinned = lp.keys.iter();
+        let in_order = keys.iter().all(|k| pinned.any(|p| p == k));
+        if !in_order {
+            let set: std::collections::HashSet<&SliceKey, foldhash::fast::RandomState> = lp.keys.iter().collect();
+            if !keys.iter().all(|k| set.contains(k)) {
+                return None;
+            }
+        }
+        keys.iter().map(|k| self.entries.get(k).map(|e| e.slot)).collect()
     }
 
     /// Sealed slices.
@@ -361,15 +407,19 @@ impl ShardIndex {
         self.leases.len()
     }
 
-    fn drop_pin(&mut self, key: SliceKey) {
-        let Some(e) = self.entries.get_mut(&key) else {
-            debug_assert!(false, "pinned {key:?} has no entry");
-            return;
-        };
-        e.pins -= 1;
-        if e.pins == 0 {
-            self.pinned_entries -= 1;
-            self.pinned_main -= usize::from(e.state == State::Main);
+    /// Drops one pin record on each of `keys` (which some lease held and has let go).
+    fn drop_pins(&mut self, keys: &[SliceKey]) {
+        self.pin_records -= keys.len();
+        for key in keys {
+            let Some(e) = self.entries.get_mut(key) else {
+                debug_assert!(false, "pinned {key:?} has no entry");
+                continue;
+            };
+            e.pins -= 1;
+            if e.pins == 0 {
+                self.pinned_entries -= 1;
+                self.pinned_main -= usize::from(e.state == State::Main);
+            }
         }
     }
 
@@ -613,26 +663,54 @@ mod tests {
     }
 
     #[test]
-    fn pins_are_per_lease_and_idempotent() {
+    fn pins_are_per_lease_and_counted() {
         let mut ix = ShardIndex::new(CHUNK_BYTES, 100);
         put(&mut ix, k(1));
         put(&mut ix, k(2));
         let slot = ix.slot(k(1)).unwrap();
         assert_eq!(ix.pin(k(1), 10, 100), Some(slot));
-        assert_eq!(ix.pin(k(1), 10, 100), Some(slot), "same lease, same key: no second pin");
+        assert_eq!(ix.pin(k(1), 10, 100), Some(slot), "same lease, same key: a second pin");
         assert_eq!(ix.pin(k(1), 11, 100), Some(slot));
         assert_eq!(ix.pin(k(2), 10, 100).map(|s| s.offset), ix.slot(k(2)).map(|s| s.offset));
-        assert_eq!(ix.entries[&k(1)].pins, 2);
+        assert_eq!(ix.entries[&k(1)].pins, 3);
         assert_eq!((ix.leases(), ix.pinned()), (2, 2));
         assert_eq!(ix.pinned_slot(k(1), 11), Some(slot));
         assert_eq!(ix.pinned_slot(k(2), 11), None);
-        assert!(ix.unpin(k(1), 11));
-        assert!(!ix.unpin(k(1), 11), "already unpinned");
+        let slot2 = ix.slot(k(2)).unwrap();
+        assert_eq!(ix.pinned_slots(10, &[k(1), k(2)]), Some(vec![slot, slot2]), "in pin order");
+        assert_eq!(ix.pinned_slots(10, &[k(2), k(1), k(1), k(2)]), Some(vec![slot2, slot, slot, slot2]), "any order");
+        assert_eq!(ix.pinned_slots(11, &[k(1), k(2)]), None);
+        assert_eq!(ix.pinned_slots(12, &[]), None, "unknown lease");
+        assert_eq!(ix.unpin_lease(11), 1);
         assert_eq!(ix.leases(), 1, "a lease with no pins is forgotten");
-        assert_eq!(ix.unpin_lease(10), 2);
+        assert_eq!(ix.truncate_pins(10, 5), 0, "keeps all three");
+        assert_eq!(ix.truncate_pins(10, 1), 2);
+        assert_eq!(ix.entries[&k(1)].pins, 1);
+        assert_eq!(ix.pinned(), 1);
+        assert_eq!(ix.pinned_slots(10, &[k(2)]), None, "k(2) was past the first pin");
+        assert_eq!(ix.unpin_lease(10), 1);
         assert_eq!(ix.unpin_lease(10), 0);
         assert_eq!((ix.leases(), ix.pinned()), (0, 0));
         assert_eq!(ix.pin(k(3), 10, 100), None, "a miss pins nothing");
+        ix.check();
+    }
+
+    #[test]
+    fn unpin_rank_drops_one_ranks_pins() {
+        let mut ix = ShardIndex::new(CHUNK_BYTES, 100);
+        let keys: Vec<SliceKey> = (0..4).flat_map(|h| (0..3).map(move |r| slice(1, h, r))).collect();
+        for &key in &keys {
+            put(&mut ix, key);
+            ix.pin(key, 7, 100).unwrap();
+        }
+        ix.pin(slice(1, 0, 1), 8, 100).unwrap();
+        assert_eq!(ix.unpin_rank(7, 1), 4);
+        assert_eq!(ix.unpin_rank(7, 1), 0);
+        assert_eq!(ix.pinned(), 9, "rank 1 of block 0 is still pinned by lease 8");
+        assert!(ix.pinned_slots(7, &[slice(1, 0, 0), slice(1, 3, 2)]).is_some());
+        assert!(ix.pinned_slots(7, &[slice(1, 1, 1)]).is_none());
+        assert_eq!(ix.unpin_rank(7, 0) + ix.unpin_rank(7, 2), 8);
+        assert_eq!(ix.leases(), 1, "lease 7 is forgotten with its last pin");
         ix.check();
     }
 
@@ -806,11 +884,12 @@ mod tests {
             let max_entries = 20 + rng.below(200) as usize;
             let mut ix = ShardIndex::new((4 + rng.below(5)) * CHUNK_BYTES, max_entries);
             let mut model: BTreeMap<SliceKey, M> = BTreeMap::new();
-            let mut pins: BTreeMap<u64, (u64, BTreeSet<SliceKey>)> = BTreeMap::new(); // lease -> (expiry, keys)
+            // lease -> (expiry, keys in pin order, one per pin)
+            let mut pins: BTreeMap<u64, (u64, Vec<SliceKey>)> = BTreeMap::new();
             let mut now = 0u64;
             let sizes = [SZ, SZ, SZ, SZ, 4096, 200_000, CHUNK_BYTES / 2];
             for step in 0..4_000 {
-                let op = rng.below(14);
+                let op = rng.below(16);
                 // Mostly keys in the state the operation acts on, sometimes any key.
                 let want = match op {
                     3..=7 => Some(M::Writing),
@@ -857,20 +936,53 @@ mod tests {
                         let got = ix.pin(key, lease, exp).is_some();
                         assert_eq!(got, model.get(&key) == Some(&M::Sealed), "pin of {key:?}");
                         if got {
-                            let e = pins.entry(lease).or_insert((exp, BTreeSet::new()));
+                            let e = pins.entry(lease).or_insert((exp, Vec::new()));
                             e.0 = e.0.max(exp);
-                            e.1.insert(key);
+                            e.1.push(key);
                         }
                     }
                     11 => {
-                        let key = pins.get(&lease).and_then(|(_, ks)| ks.iter().next().copied()).unwrap_or(key);
-                        let had = pins.get_mut(&lease).is_some_and(|(_, ks)| ks.remove(&key));
+                        let keep = rng.below(4) as usize;
+                        let n = pins.get_mut(&lease).map_or(0, |(_, ks)| {
+                            let n = ks.len().saturating_sub(keep);
+                            ks.truncate(keep);
+                            n
+                        });
                         pins.retain(|_, (_, ks)| !ks.is_empty());
-                        assert_eq!(ix.unpin(key, lease), had);
+                        assert_eq!(ix.truncate_pins(lease, keep), n);
                     }
                     12 => {
                         let n = pins.remove(&lease).map_or(0, |(_, ks)| ks.len());
                         assert_eq!(ix.unpin_lease(lease), n);
+                    }
+                    13 => {
+                        let rank = rng.below(2) as u16;
+                        let n = pins.get_mut(&lease).map_or(0, |(_, ks)| {
+                            let before = ks.len();
+                            ks.retain(|k| k.rank != rank);
+                            before - ks.len()
+                        });
+                        pins.retain(|_, (_, ks)| !ks.is_empty());
+                        assert_eq!(ix.unpin_rank(lease, rank), n);
+                    }
+                    14 => {
+                        // A load's check: a random selection of the lease's pins (in order or
+                        // shuffled), sometimes with a key it does not pin.
+                        let held = pins.get(&lease).map(|(_, ks)| ks.clone()).unwrap_or_default();
+                        let mut ask: Vec<SliceKey> = held.iter().copied().filter(|_| rng.below(3) > 0).collect();
+                        if rng.below(2) == 0 && ask.len() > 1 {
+                            let i = rng.below(ask.len() as u64) as usize;
+                            ask.swap(0, i);
+                        }
+                        if rng.below(4) == 0 {
+                            ask.push(key);
+                        }
+                        let want = pins.contains_key(&lease) && ask.iter().all(|k| held.contains(k));
+                        let got = ix.pinned_slots(lease, &ask);
+                        assert_eq!(got.is_some(), want, "pinned_slots of lease {lease}: {ask:?}");
+                        if let Some(slots) = got {
+                            assert!(ask.iter().zip(&slots).all(|(k, s)| ix.slot(*k) == Some(*s)));
+                        }
                     }
                     _ => {
                         now += rng.below(60);

@@ -130,6 +130,23 @@ impl FrameError {
 /// otherwise the frame and how many bytes it used. A non-fatal error is only returned once the
 /// whole frame is in `buf`: the caller drops [`LEN_BYTES`] + [`frame_len`] bytes and goes on.
 pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
+    Ok(decode_ref(buf)?
+        .map(|(f, used)| (Frame { kind: f.kind, request_id: f.request_id, body: f.body.to_vec() }, used)))
+}
+
+/// A frame whose body is borrowed from the buffer it was decoded from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameRef<'a> {
+    /// Request, reply, error or event.
+    pub kind: FrameKind,
+    /// The request id (echoed by replies, errors and events).
+    pub request_id: u64,
+    /// MessagePack body.
+    pub body: &'a [u8],
+}
+
+/// [`decode`] without copying the body: the frame borrows `buf`.
+pub fn decode_ref(buf: &[u8]) -> Result<Option<(FrameRef<'_>, usize)>, FrameError> {
     let Some(len) = frame_len(buf)? else { return Ok(None) };
     let total = LEN_BYTES + len;
     if buf.len() < total {
@@ -141,8 +158,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
         return Err(FrameError::UnsupportedVersion { found: h[2], request_id });
     }
     let kind = FrameKind::from_u8(h[3]).ok_or(FrameError::UnknownKind { found: h[3], request_id })?;
-    let body = buf[LEN_BYTES + HEADER_BYTES..total].to_vec();
-    Ok(Some((Frame { kind, request_id, body }, total)))
+    Ok(Some((FrameRef { kind, request_id, body: &buf[LEN_BYTES + HEADER_BYTES..total] }, total)))
 }
 
 /// `L`, the length after the prefix (header + body), of the first frame in `buf`, once its

@@ -19,7 +19,7 @@ use kvloft_engine::key::BlockHash;
 use kvloft_engine::limits::DEFAULT_LEASE_TTL_MS;
 use kvloft_engine::namespace::NamespaceId;
 use kvloft_engine::protocol::{
-    self, BodyError, Done, ErrorCode, ErrorReply, Event, Frame, FrameError, FrameKind, HelloReply, LoadDone,
+    self, BodyError, Done, ErrorCode, ErrorReply, Event, FrameError, FrameKind, FrameRef, HelloReply, LoadDone,
     LookupReply, Queued, RegisterInstanceReply, RegisterMemoryReply, Reply, Request, SaveDone, StatsReply, LEN_BYTES,
     MAX_BATCH_BLOCKS, MAX_FRAME_BYTES, MAX_HASH_BYTES, MAX_LAYERS, PROTOCOL_VERSION,
 };
@@ -100,12 +100,15 @@ impl From<StoreError> for Failure {
 
 impl Connection {
     async fn read_loop(self: Rc<Self>, mut reader: ReadHalf<UnixStream>) -> std::io::Result<()> {
-        let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
-        let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+        // Reads land in `buf[end..]` and frames are decoded in place from `buf[start..end]`: no
+        // copy of a request between the socket and its decoder. The unread tail moves to the
+        // front before a read that would not fit, and `buf` grows only for a frame larger than
+        // what it holds, so it stays within one frame of MAX_FRAME_BYTES plus one read.
+        let mut buf = vec![0u8; 2 * READ_CHUNK_BYTES];
+        let (mut start, mut end) = (0, 0);
         loop {
-            let mut start = 0;
-            while start < buf.len() {
-                match protocol::decode(&buf[start..]) {
+            while start < end {
+                match protocol::decode_ref(&buf[start..end]) {
                     Ok(None) => break,
                     Ok(Some((frame, used))) => {
                         start += used;
@@ -117,7 +120,7 @@ impl Connection {
                     }
                     Err(e) => {
                         // The frame is whole (decode checked) and its length is trustworthy: skip it.
-                        let len = protocol::frame_len(&buf[start..]).ok().flatten().unwrap_or(0);
+                        let len = protocol::frame_len(&buf[start..end]).ok().flatten().unwrap_or(0);
                         start += LEN_BYTES + len;
                         let code = match e {
                             FrameError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
@@ -127,13 +130,21 @@ impl Connection {
                     }
                 }
             }
-            buf.drain(..start);
-            debug_assert!(buf.len() <= LEN_BYTES + MAX_FRAME_BYTES);
-            let n = reader.read(&mut chunk).await?;
+            if start >= end {
+                (start, end) = (0, 0);
+            } else if buf.len() - end < READ_CHUNK_BYTES {
+                buf.copy_within(start..end, 0);
+                (start, end) = (0, end - start);
+            }
+            debug_assert!(end - start <= LEN_BYTES + MAX_FRAME_BYTES);
+            if buf.len() - end < READ_CHUNK_BYTES {
+                buf.resize(end + READ_CHUNK_BYTES, 0);
+            }
+            let n = reader.read(&mut buf[end..]).await?;
             if n == 0 {
                 return Ok(());
             }
-            buf.extend_from_slice(&chunk[..n]);
+            end += n;
         }
     }
 
@@ -148,7 +159,7 @@ impl Connection {
         self.send(FrameKind::Error, id, &protocol::to_body(&ErrorReply { code, message })).await;
     }
 
-    async fn answer(self: &Rc<Self>, frame: &Frame) {
+    async fn answer(self: &Rc<Self>, frame: &FrameRef<'_>) {
         self.ctx.metrics.requests.inc();
         let id = frame.request_id;
         match self.reply(frame).await {
@@ -157,14 +168,14 @@ impl Connection {
         }
     }
 
-    async fn reply(self: &Rc<Self>, frame: &Frame) -> Result<Reply, Failure> {
+    async fn reply(self: &Rc<Self>, frame: &FrameRef<'_>) -> Result<Reply, Failure> {
         if frame.kind != FrameKind::Request {
             return Err(Failure(
                 ErrorCode::BadFrame,
                 format!("a client may send only request frames (kind 1), not kind {}", frame.kind as u8),
             ));
         }
-        let request = parse_request(&frame.body)?;
+        let request = parse_request(frame.body)?;
         if self.ctx.stopping.get() {
             return Err(Failure(ErrorCode::ShuttingDown, "the server is shutting down; reconnect later".into()));
         }

@@ -50,10 +50,12 @@ pub(crate) struct Loaded {
 /// A request to an owner shard.
 #[derive(Debug)]
 pub(crate) enum OwnerOp {
-    /// Pin the sealed slices among `keys` under `lease` until `expires_ms`; report which.
+    /// Pin the sealed slices among `keys` under `lease` until `expires_ms`, in order; report
+    /// which.
     Probe { lease: u64, expires_ms: u64, keys: Vec<(u32, SliceKey)>, reply: flume::Sender<Probed> },
-    /// Drop the pins of `lease` on `keys` (all of the lease's pins when `keys` is empty).
-    Unpin { lease: u64, keys: Vec<SliceKey> },
+    /// Keep the first `keep` pins of `lease` (the hits in the leading prefix) and drop the rest;
+    /// `keep` 0 drops them all.
+    Unpin { lease: u64, keep: usize },
     /// Copy these engine blocks of `mem` into new slices.
     Save { mem: Arc<HostMemory>, slice_bytes: u64, items: Vec<(SliceKey, u32)>, reply: flume::Sender<Saved> },
     /// Copy the slices pinned by `lease` into these engine blocks of `mem`, then unpin them.
@@ -119,27 +121,14 @@ impl ShardCtx {
     pub(crate) fn owner_op(&self, op: OwnerOp) {
         match op {
             OwnerOp::Probe { lease, expires_ms, keys, reply } => {
-                let mut index = self.index.borrow_mut();
-                let mut out = Probed::default();
-                for (pos, key) in keys {
-                    if index.pin(key, lease, expires_ms).is_some() {
-                        out.found.push((pos, key.rank));
-                        self.counters.hits.set(self.counters.hits.get() + 1);
-                    } else {
-                        self.counters.misses.set(self.counters.misses.get() + 1);
-                    }
-                }
+                let mut out = Probed { found: Vec::with_capacity(keys.len()) };
+                self.probe(lease, expires_ms, keys.iter().map(|&(pos, key)| (pos, key)), |pos, rank| {
+                    out.found.push((pos, rank))
+                });
                 let _ = reply.try_send(out);
             }
-            OwnerOp::Unpin { lease, keys } => {
-                let mut index = self.index.borrow_mut();
-                if keys.is_empty() {
-                    index.unpin_lease(lease);
-                } else {
-                    for key in keys {
-                        index.unpin(key, lease);
-                    }
-                }
+            OwnerOp::Unpin { lease, keep } => {
+                self.index.borrow_mut().truncate_pins(lease, keep);
             }
             OwnerOp::Save { mem, slice_bytes, items, reply } => {
                 let _ = reply.try_send(self.save_slices(&mem, slice_bytes, items));
@@ -155,6 +144,29 @@ impl ShardCtx {
                 let _ = reply.try_send(self.gpu_resolve(&dev, lease, items));
             }
         }
+    }
+
+    /// Pins the sealed slices among `keys` under `lease`, in order, and calls `found` with the
+    /// position and rank of each; counts hits and misses.
+    fn probe(
+        &self,
+        lease: u64,
+        expires_ms: u64,
+        keys: impl Iterator<Item = (u32, SliceKey)>,
+        mut found: impl FnMut(u32, u16),
+    ) {
+        let mut index = self.index.borrow_mut();
+        let (mut hits, mut misses) = (0, 0);
+        for (pos, key) in keys {
+            if index.pin(key, lease, expires_ms).is_some() {
+                found(pos, key.rank);
+                hits += 1;
+            } else {
+                misses += 1;
+            }
+        }
+        self.counters.hits.set(self.counters.hits.get() + hits);
+        self.counters.misses.set(self.counters.misses.get() + misses);
     }
 
     fn save_slices(&self, mem: &HostMemory, slice_bytes: u64, items: Vec<(SliceKey, u32)>) -> Saved {
@@ -200,27 +212,20 @@ impl ShardCtx {
     }
 
     fn load_slices(&self, mem: &HostMemory, lease: u64, items: Vec<(SliceKey, u32)>) -> Loaded {
-        let mut copies = Vec::with_capacity(items.len());
-        {
-            let index = self.index.borrow();
-            for (key, block_id) in &items {
-                // The lease pinned the slice at lookup; a slice no longer pinned has expired.
-                match index.pinned_slot(*key, lease) {
-                    Some(slot) => copies.push((*block_id, slot.offset)),
-                    None => {
-                        return Loaded {
-                            loaded: 0,
-                            error: Some("a leased block is no longer held (the lease expired); recompute".into()),
-                        }
-                    }
-                }
-            }
-        }
+        let Some(rank) = items.first().map(|(key, _)| key.rank) else { return Loaded::default() };
+        let keys: Vec<SliceKey> = items.iter().map(|(key, _)| *key).collect();
+        // The lease pinned the slices at lookup; a slice no longer pinned has expired.
+        let Some(slots) = self.index.borrow().pinned_slots(lease, &keys) else {
+            return Loaded {
+                loaded: 0,
+                error: Some("a leased block is no longer held (the lease expired); recompute".into()),
+            };
+        };
+        let copies: Vec<(u32, u64)> =
+            items.iter().zip(&slots).map(|((_, block_id), slot)| (*block_id, slot.offset)).collect();
         let result = mem.load_from(&self.arena.borrow(), &copies);
-        let mut index = self.index.borrow_mut();
-        for (key, _) in &items {
-            index.unpin(*key, lease);
-        }
+        // A rank loads a lease once: none of its pins here is needed any more.
+        self.index.borrow_mut().unpin_rank(lease, rank);
         match result {
             Ok(()) => {
                 self.counters.loads.set(self.counters.loads.get() + copies.len() as u64);
@@ -331,13 +336,21 @@ impl ShardCtx {
     }
 
     /// Drops every pin of `lease` on the shards that hold some (all shards when this home does
-    /// not know them).
+    /// not know them): this shard's at once, the others' through the mesh.
     pub(crate) fn broadcast_unpin(self: &Rc<Self>, lease: u64) {
-        let owners = self.lease_owners.borrow_mut().remove(&lease).unwrap_or_else(|| (0..self.shard_count()).collect());
+        let mut owners =
+            self.lease_owners.borrow_mut().remove(&lease).unwrap_or_else(|| (0..self.shard_count()).collect());
+        if let Some(i) = owners.iter().position(|&s| s == self.id) {
+            owners.swap_remove(i);
+            self.index.borrow_mut().unpin_lease(lease);
+        }
+        if owners.is_empty() {
+            return;
+        }
         let ctx = self.clone();
         glommio::spawn_local(async move {
             for shard in owners {
-                ctx.tell(shard, MeshMsg::Owner(OwnerOp::Unpin { lease, keys: Vec::new() })).await;
+                ctx.tell(shard, MeshMsg::Owner(OwnerOp::Unpin { lease, keep: 0 })).await;
             }
         })
         .detach();
@@ -395,7 +408,15 @@ impl ShardCtx {
 
     /// The owner shard of `key`.
     pub(crate) fn owner(&self, key: &SliceKey) -> ShardId {
-        self.router.route(key.block.route_hash(), None)
+        self.block_owner(&key.block)
+    }
+
+    /// The owner shard of every slice of `block` (the host backend keeps a block on one shard).
+    pub(crate) fn block_owner(&self, block: &BlockKey) -> ShardId {
+        if self.router.len() == 1 {
+            return 0; // one shard owns everything: no need to hash
+        }
+        self.router.route(block.route_hash(), None)
     }
 }
 
@@ -449,62 +470,91 @@ pub(crate) fn by_owner<T>(
 
 /// Looks up `hashes` for every rank of the namespace, pins the leading hits under a new lease and
 /// records the lease at this shard. Returns `(hits, lease)`.
+///
+/// The probes of other owners go out first; this shard's share is then pinned in place (no
+/// message, no task, no copy of its keys) while they work. Every slice of a block has one owner
+/// (decision 15), so each owner's pins are whole blocks, taken in request order.
 pub(crate) async fn lookup(
     ctx: &Rc<ShardCtx>,
     instance: &str,
     ns: NamespaceId,
     ranks: u32,
-    hashes: Vec<BlockHash>,
+    mut hashes: Vec<BlockHash>,
     ttl_ms: u64,
 ) -> Result<(u32, u64), StoreError> {
     let lease = ctx.leases.borrow_mut().next_id();
     let expires_ms = ctx.now_ms() + ttl_ms;
-    let mut keys = Vec::with_capacity(hashes.len() * ranks as usize);
-    for (pos, hash) in hashes.iter().enumerate() {
-        for rank in 0..ranks {
-            keys.push((SliceKey { block: BlockKey { ns, hash: *hash }, rank: rank as u16 }, pos as u32));
-        }
+    let n = hashes.len();
+    let single = ctx.shard_count() == 1;
+    let owners: Vec<ShardId> =
+        if single { Vec::new() } else { hashes.iter().map(|&hash| ctx.block_owner(&BlockKey { ns, hash })).collect() };
+    let owner = |pos: usize| if single { ctx.id } else { owners[pos] };
+    let slice = |hash: BlockHash, rank: u32| SliceKey { block: BlockKey { ns, hash }, rank: rank as u16 };
+
+    let mut remote: BTreeMap<ShardId, Vec<(u32, SliceKey)>> = BTreeMap::new();
+    for (pos, &shard) in owners.iter().enumerate().filter(|(_, &shard)| shard != ctx.id) {
+        let keys = remote.entry(shard).or_default();
+        keys.extend((0..ranks).map(|rank| (pos as u32, slice(hashes[pos], rank))));
     }
-    let groups = by_owner(ctx, keys);
-    let mut found = vec![0u32; hashes.len()];
-    let mut pinned: BTreeMap<ShardId, Vec<(u32, SliceKey)>> = BTreeMap::new();
-    let replies = fan_out(ctx, groups, |items, reply| {
-        let keys = items.into_iter().map(|(k, pos)| (pos, k)).collect();
-        MeshMsg::Owner(OwnerOp::Probe { lease, expires_ms, keys, reply })
-    })
-    .await;
-    for (shard, reply) in replies {
-        for (pos, rank) in reply?.found {
+    let mut pending = Vec::with_capacity(remote.len());
+    for (shard, keys) in remote {
+        let (reply, rx) = flume::bounded(1);
+        ctx.tell(shard, MeshMsg::Owner(OwnerOp::Probe { lease, expires_ms, keys, reply })).await;
+        pending.push((shard, rx));
+    }
+    let mut found = vec![0u32; n];
+    let local = (0..n).filter(|&pos| owner(pos) == ctx.id);
+    let keys = local.flat_map(|pos| (0..ranks).map(move |rank| (pos as u32, rank)));
+    ctx.probe(lease, expires_ms, keys.map(|(pos, rank)| (pos, slice(hashes[pos as usize], rank))), |pos, _| {
+        found[pos as usize] += 1
+    });
+    for (shard, rx) in pending {
+        let probed = rx
+            .recv_async()
+            .await
+            .map_err(|_| StoreError(ErrorCode::ShuttingDown, format!("shard {shard} has stopped; retry later")))?;
+        for (pos, _) in probed.found {
             found[pos as usize] += 1;
-            let key = SliceKey { block: BlockKey { ns, hash: hashes[pos as usize] }, rank };
-            pinned.entry(shard).or_default().push((pos, key));
         }
     }
     let hits = found.iter().take_while(|&&n| n == ranks).count();
-    // Pins beyond the prefix protect nothing the client can load: drop them now.
-    let mut kept_owners = std::collections::BTreeSet::new();
-    for (shard, keys) in pinned {
-        if keys.iter().any(|(pos, _)| (*pos as usize) < hits) {
-            kept_owners.insert(shard);
+
+    // Pins beyond the prefix protect nothing the client can load: drop them now. Each owner
+    // pinned in request order, so its pins in the prefix are its first ones.
+    let mut tally = vec![(0usize, 0usize); ctx.shard_count()]; // (pins kept, pins taken) per owner
+    for (pos, &count) in found.iter().enumerate().filter(|(_, &count)| count > 0) {
+        let t = &mut tally[owner(pos)];
+        t.1 += count as usize;
+        if pos < hits {
+            t.0 += count as usize;
         }
-        let extra: Vec<SliceKey> = keys.into_iter().filter(|(pos, _)| *pos as usize >= hits).map(|(_, k)| k).collect();
-        if !extra.is_empty() {
-            ctx.tell(shard, MeshMsg::Owner(OwnerOp::Unpin { lease, keys: extra })).await;
+    }
+    let mut kept_owners = Vec::new();
+    for (shard, &(keep, taken)) in tally.iter().enumerate() {
+        if keep > 0 {
+            kept_owners.push(shard);
+        }
+        if taken > keep {
+            if shard == ctx.id {
+                ctx.index.borrow_mut().truncate_pins(lease, keep);
+            } else {
+                ctx.tell(shard, MeshMsg::Owner(OwnerOp::Unpin { lease, keep })).await;
+            }
         }
     }
     if hits == 0 {
         return Ok((0, 0));
     }
-    let record = Lease::new(lease, instance.to_string(), ns, hashes[..hits].to_vec(), ranks, expires_ms);
+    hashes.truncate(hits);
+    let record = Lease::new(lease, instance.to_string(), ns, hashes, ranks, expires_ms);
     // The lease's home is this shard (its id says so). A full table serves the lookup as a miss:
     // a lease nobody could load would only hold pins until expiry.
-    let owners: Vec<ShardId> = kept_owners.into_iter().collect();
     if ctx.leases.borrow_mut().insert(record).is_err() {
-        ctx.lease_owners.borrow_mut().insert(lease, owners);
+        ctx.lease_owners.borrow_mut().insert(lease, kept_owners);
         ctx.broadcast_unpin(lease);
         return Ok((0, 0));
     }
-    ctx.lease_owners.borrow_mut().insert(lease, owners);
+    ctx.lease_owners.borrow_mut().insert(lease, kept_owners);
     Ok((hits as u32, lease))
 }
 

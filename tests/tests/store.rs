@@ -167,6 +167,17 @@ fn prefix_hits_stop_at_the_first_missing_block() {
     c.release(reply.lease).unwrap();
     let e = c.release(reply.lease).unwrap_err();
     assert!(matches!(e, ClientError::Server { code: ErrorCode::UnknownLease, .. }), "{e}");
+    // The hits past the gap are unpinned at lookup; the prefix's pins stay and load.
+    let reply = c.lookup(&hashes).unwrap();
+    assert_eq!(reply.hits, 20);
+    let dest: Vec<u32> = (40..60).collect();
+    let done = c.load(reply.lease, &dest).unwrap();
+    assert_eq!((done.loaded, done.error), (20, None));
+    for i in 0..20 {
+        assert_eq!(cache.block(40 + i), expected(1000 + i as u64));
+    }
+    let e = c.release(reply.lease).unwrap_err();
+    assert!(matches!(e, ClientError::Server { code: ErrorCode::UnknownLease, .. }), "a loaded lease is gone: {e}");
     // Another namespace sees nothing.
     let other_cache = Cache::new(4);
     let mut other = worker(&server, "other", "another-model", &other_cache);
