@@ -128,12 +128,14 @@ impl ShardCtx {
         lease: u64,
         items: Vec<(SliceKey, u32)>,
     ) -> Result<Vec<(u32, u64)>, String> {
-        let index = self.index.borrow();
+        let keys: Vec<SliceKey> = items.iter().map(|(k, _)| *k).collect();
+        let slots = self
+            .index
+            .borrow()
+            .pinned_slots(lease, &keys)
+            .ok_or_else(|| "a leased block is no longer held (the lease expired); recompute".to_string())?;
         let mut out = Vec::with_capacity(items.len());
-        for (key, block_id) in items {
-            let slot = index
-                .pinned_slot(key, lease)
-                .ok_or_else(|| "a leased block is no longer held (the lease expired); recompute".to_string())?;
+        for ((_, block_id), slot) in items.into_iter().zip(slots) {
             out.push((block_id, self.slot_addr(dev, slot.offset)?));
         }
         self.counters.loads.set(self.counters.loads.get() + out.len() as u64);
@@ -237,9 +239,9 @@ pub(crate) async fn save(
 
 /// Copies a checked lease's slices into this rank's engine blocks in GPU memory; unpins them.
 pub(crate) async fn load(ctx: &Rc<ShardCtx>, mem: Arc<CudaMemory>, lease: u64, keys: Vec<(SliceKey, u32)>) -> Loaded {
+    let rank = keys.first().map_or(0, |(k, _)| k.rank);
     let groups = by_owner(ctx, keys);
-    let owned: Vec<(ShardId, Vec<SliceKey>)> =
-        groups.iter().map(|(s, items)| (*s, items.iter().map(|(k, _)| *k).collect())).collect();
+    let owners: Vec<ShardId> = groups.keys().copied().collect();
     let dev = mem.device().clone();
     let replies = fan_out(ctx, groups, |items, reply| {
         MeshMsg::Owner(OwnerOp::GpuResolve { dev: dev.clone(), lease, items, reply })
@@ -260,8 +262,8 @@ pub(crate) async fn load(ctx: &Rc<ShardCtx>, mem: Arc<CudaMemory>, lease: u64, k
             error = Some(e);
         }
     }
-    for (shard, keys) in owned {
-        ctx.tell(shard, MeshMsg::Owner(OwnerOp::Unpin { lease, keys })).await;
+    for shard in owners {
+        ctx.tell(shard, MeshMsg::Owner(OwnerOp::UnpinRank { lease, rank })).await;
     }
     match error {
         None => Loaded { loaded: items.len() as u32, error: None },

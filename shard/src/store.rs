@@ -69,6 +69,8 @@ pub(crate) enum OwnerOp {
     },
     /// GPU save, step 2: the copy is done (`ok`) or failed: seal or abort the reserved slices.
     GpuFinish { keys: Vec<SliceKey>, ok: bool },
+    /// GPU load, after the copy: drop `lease`'s pins of `rank`'s slices (a rank loads once).
+    UnpinRank { lease: u64, rank: u16 },
     /// GPU load: the device addresses on `dev` of the slices `lease` pins (the pins stay until
     /// an `Unpin` after the copy).
     GpuResolve {
@@ -140,6 +142,9 @@ impl ShardCtx {
                 let _ = reply.try_send(self.gpu_reserve(&dev, slice_bytes, items));
             }
             OwnerOp::GpuFinish { keys, ok } => self.gpu_finish(keys, ok),
+            OwnerOp::UnpinRank { lease, rank } => {
+                self.index.borrow_mut().unpin_rank(lease, rank);
+            }
             OwnerOp::GpuResolve { dev, lease, items, reply } => {
                 let _ = reply.try_send(self.gpu_resolve(&dev, lease, items));
             }
