@@ -211,17 +211,23 @@ def main() -> None:
     ap.add_argument("--bin", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--block-kib", default="16,64,256", help="block sizes (KiB per layer), comma-separated")
+    ap.add_argument("--batches", default="64,1024,4096", help="batch sizes, comma-separated")
+    ap.add_argument("--pool", default="8GiB")
+    ap.add_argument("--no-model", action="store_true")
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="kvl-gpu-"))
-    server, sock = start_server(args.bin, work, "8GiB")
+    server, sock = start_server(args.bin, work, args.pool)
     cases: list = []
     try:
-        model = model_test(sock)
-        blocks = [16 << 10] if args.quick else [16 << 10, 64 << 10, 256 << 10]
-        batches = [64] if args.quick else [64, 1024, 4096]
+        model = {"skipped": "--no-model"} if args.no_model else model_test(sock)
+        blocks = [int(k) << 10 for k in args.block_kib.split(",")]
+        batches = [int(b) for b in args.batches.split(",")]
+        if args.quick:
+            blocks, batches = blocks[:1], batches[:1]
         roundtrip(sock, cases, blocks, batches, args.reps)
     finally:
         server.terminate()
