@@ -205,7 +205,7 @@ pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
     let max_run = args.block_bytes.iter().max().copied().unwrap_or(0) * u64::from(args.layers);
     let poison = DeviceBuffer::new(dev.clone(), max_run.max(1) as usize)?;
     poison.fill(0xA5)?;
-    let mut copier = Copier::new(dev.clone(), 1 << 22, args.sm_budget > 0)?;
+    let mut copier = Copier::new(dev.clone(), 1 << 19, args.sm_budget > 0)?;
     if let Some(note) = copier.kernel_note() {
         eprintln!("kernel: {note}");
     }

@@ -27,9 +27,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Ranges one copier's kernel batch holds: a save or load of up to 65,536 blocks of up to 4
-/// segments of 32 layers is split into batches of this many.
-const COPIER_RANGES: usize = 1 << 20;
+/// Ranges one queued batch holds. A request is cut into batches of whole blocks of at most this
+/// many ranges; the copier queues up to `kvloft_gpu::cuda::copier::SLOTS` of them, so the next
+/// batch is planned while the GPU moves the previous ones.
+const COPIER_RANGES: usize = 1 << 14;
 /// How often a copy in flight is polled.
 const POLL: Duration = Duration::from_micros(20);
 
@@ -158,29 +159,50 @@ impl ShardCtx {
 }
 
 /// Moves `items` (`(engine block, slot device address)`) between `mem` and the pool on this
-/// shard's copier for `mem`'s GPU; returns once the GPU finished.
+/// shard's copier for `mem`'s GPU; returns once the GPU finished. The request is cut into batches
+/// of whole blocks, each planned while the GPU moves the ones before it.
 async fn copy(ctx: &Rc<ShardCtx>, mem: &CudaMemory, items: &[(u32, u64)], d2h: bool) -> Result<(), String> {
     let slot = ctx.copy_slot(mem.device()).map_err(|e| e.to_string())?;
     let _turn = slot.turn.acquire_permit(1).await.map_err(|e| format!("copier closed: {e}"))?;
     let planner = Planner { sm_count: mem.device().sm_count(), ..Planner::default() };
-    let ranges = mem.ranges(items, d2h);
-    for chunk in ranges.chunks(COPIER_RANGES / 2) {
-        let plan = planner.plan(chunk);
-        {
-            let mut copier = slot.copier.borrow_mut();
-            // SAFETY: sources and destinations are the engine's IPC-mapped KV cache (held open by
-            // `mem` for this call) and pool slots registered with this GPU that the owners keep
-            // reserved (save) or pinned (load) until this function returns.
-            unsafe { copier.submit(&plan) }.map_err(|e| e.to_string())?;
-        }
-        loop {
-            if slot.copier.borrow_mut().done().map_err(|e| e.to_string())? {
-                break;
-            }
-            glommio::timer::sleep(POLL).await;
+    // Ranges one block becomes once the planner splits long segments for the kernel.
+    let chunk = planner.chunk_bytes.max(1);
+    let per_block: usize = mem
+        .layers()
+        .iter()
+        .map(|l| l.segments as usize * l.segment_bytes.div_ceil(chunk) as usize)
+        .sum::<usize>()
+        .max(1);
+    let chunk_blocks = (COPIER_RANGES / per_block).max(1);
+    for chunk in items.chunks(chunk_blocks) {
+        let plan = planner.plan(&mem.ranges(chunk, d2h));
+        if plan.ranges.len() > COPIER_RANGES {
+            // Splitting made more ranges than a batch holds (blocks of long segments): move this
+            // part on the copy engines instead.
+            let dma = kvloft_gpu::plan::Plan { method: kvloft_gpu::plan::Method::Dma, ranges: plan.ranges };
+            submit(&slot, &dma).await?;
+        } else {
+            submit(&slot, &plan).await?;
         }
     }
-    Ok(())
+    loop {
+        if slot.copier.borrow_mut().done().map_err(|e| e.to_string())? {
+            return Ok(());
+        }
+        glommio::timer::sleep(POLL).await;
+    }
+}
+
+/// Queues `plan` once the copier has a free batch slot (waiting without blocking the shard).
+async fn submit(slot: &CopySlot, plan: &kvloft_gpu::plan::Plan) -> Result<(), String> {
+    while !slot.copier.borrow_mut().ready().map_err(|e| e.to_string())? {
+        glommio::timer::sleep(POLL).await;
+    }
+    let mut copier = slot.copier.borrow_mut();
+    // SAFETY: sources and destinations are the engine's IPC-mapped KV cache (held open by the
+    // caller's `CudaMemory` until the copy is done) and pool slots registered with this GPU that
+    // the owners keep reserved (save) or pinned (load) until `copy` returns, after completion.
+    unsafe { copier.submit(plan) }.map_err(|e| e.to_string())
 }
 
 /// Saves this rank's slices of `blocks` from GPU memory.

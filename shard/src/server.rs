@@ -15,17 +15,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Environment variable: microseconds a shard's executor spins looking for work before it parks
-/// (sleeps in the kernel). Parking costs a wake-up per cross-shard message and a `membarrier`
-/// that interrupts every core; spinning trades CPU time on the shard's dedicated core for lower
-/// latency. Unset or 0: park at once.
-pub const SPIN_ENV: &str = "KVLOFT_SPIN_US";
-
-fn spin_before_park() -> Option<Duration> {
-    let us: u64 = std::env::var(SPIN_ENV).ok()?.trim().parse().ok()?;
-    (us > 0).then(|| Duration::from_micros(us.min(1_000_000)))
-}
-
 /// How long a shard may take to start, join the mesh and (shard 0) bind its sockets.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -94,11 +83,9 @@ impl Server {
             conn_senders.push(conn_tx);
             let cpu = shared.topology.shards[id].cpu;
             let start = ShardStart { id, shared: shared.clone(), ends, control, connections, ready: ready_tx.clone() };
-            let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu as usize)).name(&format!("kvloft-s{id}"));
-            if let Some(spin) = spin_before_park() {
-                builder = builder.spin_before_park(spin);
-            }
-            let spawned = builder.spawn(move || shard::run(start));
+            let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu as usize))
+                .name(&format!("kvloft-s{id}"))
+                .spawn(move || shard::run(start));
             match spawned {
                 Ok(handle) => executors.push((id, handle)),
                 Err(e) => {

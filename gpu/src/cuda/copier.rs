@@ -9,22 +9,34 @@ use cudarc::driver::sys;
 use std::sync::Arc;
 
 /// Moves [`Plan`]s on its own stream: DMA plans as one `cuMemcpyAsync` per range, kernel plans as
-/// a range-table upload and one launch. One batch is in flight at a time: [`Copier::submit`]
-/// waits for the previous one first. Completion is an event, polled with [`Copier::done`] or
-/// awaited with [`Copier::wait`].
+/// a range-table upload and one launch. Up to [`SLOTS`] batches may be queued at once, each with
+/// its own range table and event, so the caller prepares the next batch while the GPU moves the
+/// previous ones ([`Copier::ready`] says whether a slot is free). Completion is polled with
+/// [`Copier::done`] or awaited with [`Copier::wait`].
 #[derive(Debug)]
 pub struct Copier {
     dev: Arc<Device>,
     stream: sys::CUstream,
     start: sys::CUevent,
-    end: sys::CUevent,
+    slots: Vec<Slot>,
+    next: usize,
+    last: Option<usize>,
     kernel: Option<Kernel>,
     kernel_note: Option<String>,
+    capacity: usize,
+}
+
+/// One queued batch's range table and completion event.
+#[derive(Debug)]
+struct Slot {
     staging: PinnedBuffer,
     table: DeviceBuffer,
-    capacity: usize,
+    event: sys::CUevent,
     pending: bool,
 }
+
+/// Batches a copier may have queued at once.
+pub const SLOTS: usize = 4;
 
 // SAFETY: stream and event handles are usable from any thread with the context current, which
 // every method makes so first.
@@ -33,9 +45,9 @@ unsafe impl Send for Copier {}
 const RANGE_BYTES: usize = std::mem::size_of::<Range>();
 
 impl Copier {
-    /// A copier on `dev` whose kernel batches hold up to `capacity` ranges. The kernel is compiled
-    /// when `kernel` is set; if that fails, [`Copier::kernel_note`] says why and kernel plans
-    /// are moved by DMA instead.
+    /// A copier on `dev` whose kernel batches hold up to `capacity` ranges each. The kernel is
+    /// compiled when `kernel` is set; if that fails, [`Copier::kernel_note`] says why and kernel
+    /// plans are moved by DMA instead.
     pub fn new(dev: Arc<Device>, capacity: usize, kernel: bool) -> Result<Copier, CudaError> {
         let capacity = capacity.max(1);
         dev.bind()?;
@@ -45,14 +57,20 @@ impl Copier {
             sys::cuStreamCreate(&mut stream, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
         })?;
         let mut start = std::ptr::null_mut();
-        let mut end = std::ptr::null_mut();
-        // SAFETY: as above for the events (timed, so elapsed times can be read).
-        unsafe {
-            check("cuEventCreate", sys::cuEventCreate(&mut start, 0))?;
-            check("cuEventCreate", sys::cuEventCreate(&mut end, 0))?;
+        // SAFETY: as above for the event (timed, so elapsed times can be read). Destroyed in Drop.
+        check("cuEventCreate", unsafe { sys::cuEventCreate(&mut start, 0) })?;
+        let mut slots = Vec::with_capacity(SLOTS);
+        for _ in 0..SLOTS {
+            let mut event = std::ptr::null_mut();
+            // SAFETY: as above.
+            check("cuEventCreate", unsafe { sys::cuEventCreate(&mut event, 0) })?;
+            slots.push(Slot {
+                staging: PinnedBuffer::new(dev.clone(), capacity * RANGE_BYTES)?,
+                table: DeviceBuffer::new(dev.clone(), capacity * RANGE_BYTES)?,
+                event,
+                pending: false,
+            });
         }
-        let staging = PinnedBuffer::new(dev.clone(), capacity * RANGE_BYTES)?;
-        let table = DeviceBuffer::new(dev.clone(), capacity * RANGE_BYTES)?;
         let (kernel, kernel_note) = if kernel {
             match Kernel::load(&dev) {
                 Ok(k) => (Some(k), None),
@@ -61,7 +79,7 @@ impl Copier {
         } else {
             (None, Some("kernel copies disabled".into()))
         };
-        Ok(Copier { dev, stream, start, end, kernel, kernel_note, staging, table, capacity, pending: false })
+        Ok(Copier { dev, stream, start, slots, next: 0, last: None, kernel, kernel_note, capacity })
     }
 
     /// Why kernel plans fall back to DMA, if they do.
@@ -79,34 +97,50 @@ impl Copier {
         &self.dev
     }
 
-    /// Queues `plan` on the stream (after the previous batch finished) and returns at once.
+    /// Ranges one kernel batch may hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Whether [`Copier::submit`] can queue a batch now without waiting.
+    pub fn ready(&mut self) -> Result<bool, CudaError> {
+        let i = self.next;
+        self.poll_slot(i)
+    }
+
+    /// Queues `plan` on the stream and returns at once, unless all [`SLOTS`] are busy: then it
+    /// first waits for the oldest batch.
     ///
     /// # Safety
     /// Every range must be valid device-accessible memory for the whole copy: sources readable,
     /// destinations writable (device memory, IPC mappings or registered, mapped host memory),
     /// and stay so until [`Copier::done`] reports completion.
     pub unsafe fn submit(&mut self, plan: &Plan) -> Result<(), CudaError> {
-        self.wait()?;
+        let i = self.next;
+        self.wait_slot(i)?;
         self.dev.bind()?;
-        // SAFETY: the events and stream belong to this copier's current context.
-        check("cuEventRecord", unsafe { sys::cuEventRecord(self.start, self.stream) })?;
+        if self.last.is_none() {
+            // SAFETY: the event and stream belong to this copier's current context.
+            check("cuEventRecord", unsafe { sys::cuEventRecord(self.start, self.stream) })?;
+        }
         match (plan.method, &self.kernel) {
             (Method::Kernel { ctas, threads }, Some(kernel)) => {
                 if plan.ranges.len() > self.capacity {
                     return Err(CudaError::TooManyRanges { ranges: plan.ranges.len(), capacity: self.capacity });
                 }
+                let slot = &self.slots[i];
                 let bytes = plan.ranges.len() * RANGE_BYTES;
-                // SAFETY: Range is repr(C) plain data; the staging buffer holds `capacity`
-                // ranges and is not read by a pending copy (we waited above).
+                // SAFETY: Range is repr(C) plain data; the slot's staging buffer holds `capacity`
+                // ranges and is not read by a pending upload (the slot's event completed above).
                 unsafe {
-                    std::ptr::copy_nonoverlapping(plan.ranges.as_ptr().cast::<u8>(), self.staging.as_ptr(), bytes);
+                    std::ptr::copy_nonoverlapping(plan.ranges.as_ptr().cast::<u8>(), slot.staging.as_ptr(), bytes);
                 }
                 // SAFETY: both buffers hold `bytes`; the stream orders the upload before the launch.
                 check("cuMemcpyHtoDAsync", unsafe {
-                    sys::cuMemcpyHtoDAsync_v2(self.table.ptr(), self.staging.as_ptr().cast(), bytes, self.stream)
+                    sys::cuMemcpyHtoDAsync_v2(slot.table.ptr(), slot.staging.as_ptr().cast(), bytes, self.stream)
                 })?;
                 // SAFETY: the table holds the ranges; the caller's contract covers them.
-                unsafe { kernel.launch(self.table.ptr(), plan.ranges.len() as u64, ctas, threads, self.stream)? };
+                unsafe { kernel.launch(slot.table.ptr(), plan.ranges.len() as u64, ctas, threads, self.stream)? };
             }
             _ => {
                 for r in &plan.ranges {
@@ -117,46 +151,74 @@ impl Copier {
             }
         }
         // SAFETY: as for the start event.
-        check("cuEventRecord", unsafe { sys::cuEventRecord(self.end, self.stream) })?;
-        self.pending = true;
+        check("cuEventRecord", unsafe { sys::cuEventRecord(self.slots[i].event, self.stream) })?;
+        self.slots[i].pending = true;
+        self.last = Some(i);
+        self.next = (i + 1) % self.slots.len();
         Ok(())
     }
 
-    /// Whether the last submitted batch has finished (true when none was submitted).
+    /// Whether every submitted batch has finished (true when none was submitted).
     pub fn done(&mut self) -> Result<bool, CudaError> {
-        if !self.pending {
+        match self.last {
+            None => Ok(true),
+            // The stream runs batches in order: the last one done means all are.
+            Some(i) => self.poll_slot(i),
+        }
+    }
+
+    /// Blocks until every submitted batch has finished.
+    pub fn wait(&mut self) -> Result<(), CudaError> {
+        if let Some(i) = self.last {
+            self.wait_slot(i)?;
+        }
+        for s in &mut self.slots {
+            s.pending = false;
+        }
+        Ok(())
+    }
+
+    /// GPU time from the first batch queued after the copier was last idle to the last one's end,
+    /// in seconds (waits for completion).
+    pub fn elapsed_s(&mut self) -> Result<f64, CudaError> {
+        let Some(i) = self.last else { return Ok(0.0) };
+        self.wait()?;
+        let mut ms = 0f32;
+        // SAFETY: both events were recorded and have completed.
+        check("cuEventElapsedTime", unsafe { sys::cuEventElapsedTime(&mut ms, self.start, self.slots[i].event) })?;
+        Ok(f64::from(ms) / 1e3)
+    }
+
+    fn poll_slot(&mut self, i: usize) -> Result<bool, CudaError> {
+        if !self.slots[i].pending {
             return Ok(true);
         }
         self.dev.bind()?;
         // SAFETY: the event was recorded on this copier's stream.
-        let r = unsafe { sys::cuEventQuery(self.end) };
+        let r = unsafe { sys::cuEventQuery(self.slots[i].event) };
         if r == sys::CUresult::CUDA_ERROR_NOT_READY {
             return Ok(false);
         }
         check("cuEventQuery", r)?;
-        self.pending = false;
+        self.slots[i].pending = false;
+        if self.last == Some(i) {
+            self.last = None;
+        }
         Ok(true)
     }
 
-    /// Blocks until the last submitted batch has finished.
-    pub fn wait(&mut self) -> Result<(), CudaError> {
-        if !self.pending {
+    fn wait_slot(&mut self, i: usize) -> Result<(), CudaError> {
+        if !self.slots[i].pending {
             return Ok(());
         }
         self.dev.bind()?;
         // SAFETY: the event was recorded on this copier's stream.
-        check("cuEventSynchronize", unsafe { sys::cuEventSynchronize(self.end) })?;
-        self.pending = false;
+        check("cuEventSynchronize", unsafe { sys::cuEventSynchronize(self.slots[i].event) })?;
+        self.slots[i].pending = false;
+        if self.last == Some(i) {
+            self.last = None;
+        }
         Ok(())
-    }
-
-    /// GPU time of the last finished batch, in seconds (from the stream's events).
-    pub fn elapsed_s(&mut self) -> Result<f64, CudaError> {
-        self.wait()?;
-        let mut ms = 0f32;
-        // SAFETY: both events were recorded and have completed.
-        check("cuEventElapsedTime", unsafe { sys::cuEventElapsedTime(&mut ms, self.start, self.end) })?;
-        Ok(f64::from(ms) / 1e3)
     }
 }
 
@@ -167,7 +229,9 @@ impl Drop for Copier {
             // SAFETY: created in `new`, destroyed once, after the last batch finished.
             unsafe {
                 sys::cuEventDestroy_v2(self.start);
-                sys::cuEventDestroy_v2(self.end);
+                for s in &self.slots {
+                    sys::cuEventDestroy_v2(s.event);
+                }
                 sys::cuStreamDestroy_v2(self.stream);
             }
         }
