@@ -214,6 +214,22 @@ def model_test(sock: str) -> dict:
     return result
 
 
+def schema_report(model: dict, cases: list) -> dict:
+    """The run as a bench report (docs/src/bench-schema.json): the model test is one case."""
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown")
+    model_case = {"name": "model_logits", "params": {"model": "random Llama, 4 layers, fp16, 16-token blocks",
+                                                     **model}, "samples": 1}
+    return {
+        "suite": "gpu-server",
+        "machine": {"cpu": cpu, "cores": os.cpu_count() or 0, "numa_nodes": 1,
+                    "gpus": [torch.cuda.get_device_name(0)], "kernel": platform.release(), "hostname": platform.node()},
+        "command": " ".join(sys.argv),
+        "git_rev": os.environ.get("KVLOFT_GIT_REV", ""),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cases": [model_case, *cases],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
@@ -241,12 +257,7 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
         (out / "server.log").write_bytes((work / "server.log").read_bytes())
-    report = {
-        "suite": "gpu-server", "machine": {"gpu": torch.cuda.get_device_name(0), "host": platform.node(),
-                                           "torch": torch.__version__},
-        "command": " ".join(sys.argv), "git_rev": os.environ.get("KVLOFT_GIT_REV", ""),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model_test": model, "cases": cases,
-    }
+    report = schema_report(model, cases)
     (out / "gpu-server.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
