@@ -161,7 +161,10 @@ pub struct CopyRun {
 pub fn backend_note(gpus: &[String]) -> String {
     match gpus.first() {
         None => "no GPU: measuring the host backend".into(),
-        Some(g) => format!("GPU found ({g}), but the cuda backend does not exist yet: measuring the host backend"),
+        Some(g) => format!(
+            "GPU found ({g}): these suites measure the host backend; `kvloft bench gpu` and \
+             scripts/device/gpu_roundtrip.py measure the cuda backend"
+        ),
     }
 }
 
@@ -1053,6 +1056,6 @@ mod tests {
     #[test]
     fn backend_note_says_what_runs() {
         assert_eq!(backend_note(&[]), "no GPU: measuring the host backend");
-        assert!(backend_note(&["H100".into()]).contains("cuda backend does not exist yet"));
+        assert!(backend_note(&["H100".into()]).contains("kvloft bench gpu"));
     }
 }

@@ -109,6 +109,7 @@ class KvloftConnector(KVConnectorBase_V1):
         self._planner: Planner | None = None
         self._transfers: Transfers | None = None
         self._handshake = KvloftHandshake(reason="register_kv_caches was not called")
+        self._gpu = False
         groups = getattr(kv_cache_config, "kv_cache_groups", None) if kv_cache_config is not None else None
         if groups is not None and len(groups) != 1:
             self.disabled_reason = (
@@ -201,25 +202,28 @@ class KvloftConnector(KVConnectorBase_V1):
             self._handshake = KvloftHandshake(reason="no KV-cache layers")
             return
         device = tensors[0].device
-        if device.type != "cpu":
-            reason = (
-                f"KV cache on {device}: this kvloft release serves CPU KV caches (the host backend); "
-                "the GPU path comes with the cuda backend"
-            )
-            log.warning("kvloft connector is off: %s", reason)
-            self._handshake = KvloftHandshake(reason=reason)
-            return
         num_blocks = int(self._kv_cache_config.num_blocks)
         try:
-            layers = [describe(TensorGeometry.of(t), num_blocks) for t in tensors]
             shape = block_shape(TensorGeometry.of(tensors[0]), num_blocks)
-        except LayoutError as e:
+            if device.type == "cuda":
+                # The cuda backend: kvloft opens the tensors' allocations by CUDA IPC.
+                from ..gpu import cuda_layers
+
+                layers, ipc, uuid = cuda_layers(tensors, num_blocks)
+                memory_of = lambda rank: Memory(rank, layers, f"cuda:{device.index or 0}", gpu_uuid=uuid, ipc=ipc)  # noqa: E731
+                self._gpu = True
+            elif device.type == "cpu":
+                layers = [describe(TensorGeometry.of(t), num_blocks) for t in tensors]
+                memory_of = lambda rank: Memory(rank, layers, "cpu")  # noqa: E731
+            else:
+                raise LayoutError(f"KV cache on {device}: kvloft serves CPU and CUDA memory")
+        except (LayoutError, ValueError) as e:
             log.warning("kvloft connector is off: %s", e)
             self._handshake = KvloftHandshake(reason=str(e))
             return
         namespace = engine_namespace(self._vllm_config, len(layers), shape, device.type)
         rank = _rank()
-        link = self._link(namespace, Memory(rank, layers, "cpu"), f"vllm-worker-{rank}")
+        link = self._link(namespace, memory_of(rank), f"vllm-worker-{rank}")
         self._transfers = Transfers(link, load_timeout_s=self.config.load_timeout_s, counters=self.counters)
         try:
             link.client()  # register now when kvloft is up; otherwise on first use
@@ -254,6 +258,9 @@ class KvloftConnector(KVConnectorBase_V1):
         if self._transfers is None or plan is None:
             return
         if plan.saves:
+            if self._gpu:
+                # kvloft copies on its own stream: the step's KV writes must be done first.
+                torch.cuda.current_stream().synchronize()
             self._transfers.start_saves(plan.saves)
         if plan.delayed_free:
             self._transfers.mark_delayed(plan.delayed_free)

@@ -32,6 +32,9 @@ class Memory:
     rank: int
     layers: Sequence[LayerMemory]
     device: str = "cpu"
+    #: With a ``cuda:N`` device: the GPU's UUID and one ``(IPC handle, offset)`` per layer.
+    gpu_uuid: bytes | None = None
+    ipc: Sequence[tuple[bytes, int]] | None = None
 
 
 class Link:
@@ -102,7 +105,8 @@ class Link:
             self.server_info = client.connect()
             client.register_instance(self.instance, self.namespace)
             if self.memory is not None:
-                client.register_memory(self.memory.rank, self.memory.layers, self.memory.device)
+                m = self.memory
+                client.register_memory(m.rank, m.layers, m.device, gpu_uuid=m.gpu_uuid, ipc=m.ipc)
         except ProtocolMismatch:
             client.close()
             raise
