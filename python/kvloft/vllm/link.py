@@ -107,11 +107,12 @@ class Link:
             if self.memory is not None:
                 m = self.memory
                 client.register_memory(m.rank, m.layers, m.device, gpu_uuid=m.gpu_uuid, ipc=m.ipc)
-        except ProtocolMismatch:
+        except (ProtocolMismatch, ServerError):
+            # A configuration error, not an outage: raised to the caller, and not retried before
+            # the back-off, so a refused registration is reported once per period, not per step.
             client.close()
-            raise
-        except ServerError:
-            client.close()
+            self._next_attempt = self._clock() + self._delay
+            self._delay = min(self._delay * 2, self.backoff[1])
             raise
         except UNREACHABLE as e:
             client.close()

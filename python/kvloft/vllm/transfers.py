@@ -191,6 +191,7 @@ class Transfers:
         try:
             events = client.events(wait=wait)
         except (KvloftError, OSError) as e:
+            self.counters.failure("events")
             if is_unreachable(e):
                 self._connection_gone(str(e))
                 self.link.fail(e)
