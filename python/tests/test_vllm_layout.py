@@ -407,3 +407,15 @@ def test_geometry_of_a_tensor_like_object() -> None:
             return 4096
 
     assert TensorGeometry.of(FakeTensor()) == TensorGeometry((2, 3, 4), (12, 4, 1), 2, 4096)
+
+
+def test_torch_ipc_handles_are_unwrapped() -> None:
+    from kvloft.gpu import cuda_ipc_handle
+
+    raw = bytes(range(64))
+    assert cuda_ipc_handle(raw) == raw, "a bare cudaIpcMemHandle_t passes through"
+    assert cuda_ipc_handle(b"\x02c" + raw) == raw, "torch's versioned cudaMalloc handle loses its 2-byte prefix"
+    with pytest.raises(ValueError, match="expandable_segments"):
+        cuda_ipc_handle(b"\x02e" + bytes(100))
+    with pytest.raises(ValueError, match="unrecognised"):
+        cuda_ipc_handle(bytes(10))
