@@ -164,7 +164,11 @@ impl ShardCtx {
 async fn copy(ctx: &Rc<ShardCtx>, mem: &CudaMemory, items: &[(u32, u64)], d2h: bool) -> Result<(), String> {
     let slot = ctx.copy_slot(mem.device()).map_err(|e| e.to_string())?;
     let _turn = slot.turn.acquire_permit(1).await.map_err(|e| format!("copier closed: {e}"))?;
-    let planner = Planner { sm_count: mem.device().sm_count(), ..Planner::default() };
+    let planner = Planner {
+        sm_budget: ctx.shared.topology.copy.sm_budget,
+        sm_count: mem.device().sm_count(),
+        ..Planner::default()
+    };
     // Ranges one block becomes once the planner splits long segments for the kernel.
     let chunk = planner.chunk_bytes.max(1);
     let per_block: usize = mem

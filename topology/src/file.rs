@@ -27,6 +27,17 @@ pub struct TopologyFile {
     /// `[calibration]`: copy curves measured by `kvloft bench calibrate`.
     #[serde(default)]
     pub calibration: Option<CalibrationSection>,
+    /// `[copy]`: how GPU copies are made.
+    #[serde(default)]
+    pub copy: Option<CopySection>,
+}
+
+/// `[copy]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CopySection {
+    /// Most SMs a GPU copy kernel may occupy; 0 means copy engines (DMA) only.
+    pub sm_budget: Option<Spanned<u32>>,
 }
 
 /// `[calibration]`.

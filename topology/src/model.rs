@@ -79,6 +79,25 @@ pub struct Topology {
     /// `kvloft bench calibrate`), sorted by method, direction and block size; empty when the file
     /// has none.
     pub calibration: Vec<CopyCurvePoint>,
+    /// How GPU copies are made (`[copy]`).
+    pub copy: CopySpec,
+}
+
+/// `[copy]`: how GPU copies are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopySpec {
+    /// Most SMs a copy kernel may occupy (two CTAs of 512 threads per SM); 0: copy engines only.
+    pub sm_budget: u32,
+}
+
+/// SMs a copy kernel may use by default: on the H100 test machine 16 SMs already reach 0.89-0.95
+/// of the PCIe ceiling with 16 KiB blocks (bench/results/2026-11-24-h100-gpu-inprocess.json).
+pub const DEFAULT_SM_BUDGET: u32 = 16;
+
+impl Default for CopySpec {
+    fn default() -> Self {
+        CopySpec { sm_budget: DEFAULT_SM_BUDGET }
+    }
 }
 
 /// How a copy between inference-engine memory and pool pages is done: the methods a copy planner
@@ -252,6 +271,7 @@ mod tests {
             reserved_cores: vec![],
             shards,
             calibration: vec![],
+            copy: CopySpec::default(),
         }
     }
 

@@ -97,6 +97,11 @@ pub fn render(machine: &Machine, topology: &Topology, placement: Option<&Placeme
     let _ = writeln!(w, "hugepages = {}", topology.memory.hugepages);
 
     let _ = writeln!(w);
+    let _ = writeln!(w, "[copy]");
+    let _ = writeln!(w, "# Most SMs a GPU copy kernel may take from the inference engine (0: copy engines only).");
+    let _ = writeln!(w, "sm-budget = {}", topology.copy.sm_budget);
+
+    let _ = writeln!(w);
     let _ =
         writeln!(w, "# One [[shard]] per core. core: OS CPU number (as in taskset -c); numa-node: checked against the");
     let _ =

@@ -5,8 +5,8 @@ use crate::diagnostic::{Diagnostic, Diagnostics, Severity, Source};
 use crate::file::{self, TopologyFile};
 use crate::machine::{compact_list, CpuId, Machine, NodeId};
 use crate::model::{
-    default_socket, CopyCurvePoint, CopyDirection, CopyMethod, MemorySpec, PoolSize, ServerSpec, ShardSpec, Topology,
-    DEFAULT_METRICS_ADDR,
+    default_socket, CopyCurvePoint, CopyDirection, CopyMethod, CopySpec, MemorySpec, PoolSize, ServerSpec, ShardSpec,
+    Topology, DEFAULT_METRICS_ADDR, DEFAULT_SM_BUDGET,
 };
 use crate::placement;
 use bytesize::ByteSize;
@@ -137,7 +137,14 @@ impl Validator<'_> {
             pool: PoolSize::Total(default_pool_bytes(self.machine)),
             hugepages: file.memory.as_ref().and_then(|m| m.hugepages.as_ref()).is_some_and(|h| *h.get_ref()),
         };
-        let mut topology = Topology { server, memory, reserved_cores: reserved, shards, calibration: Vec::new() };
+        let copy = CopySpec {
+            sm_budget: file
+                .copy
+                .as_ref()
+                .and_then(|c| c.sm_budget.as_ref())
+                .map_or(DEFAULT_SM_BUDGET, |v| *v.get_ref()),
+        };
+        let mut topology = Topology { server, memory, reserved_cores: reserved, shards, calibration: Vec::new(), copy };
         self.memory(file, &mut topology);
         topology.calibration = self.calibration(file);
         topology
@@ -712,6 +719,15 @@ mod tests {
         assert!(looks_like_rfc3339("2026-11-24T05:12:09.5+01:00"));
         assert!(!looks_like_rfc3339("2026-11-24 05:12"));
         assert!(!looks_like_rfc3339(""));
+    }
+
+    #[test]
+    fn copy_sm_budget_defaults_and_parses() {
+        let c = run("[memory]\npool-size = \"1GiB\"\n", &synthetic::small_vm()).unwrap();
+        assert_eq!(c.topology.copy.sm_budget, DEFAULT_SM_BUDGET);
+        let c = run("[memory]\npool-size = \"1GiB\"\n[copy]\nsm-budget = 0\n", &synthetic::small_vm()).unwrap();
+        assert_eq!(c.topology.copy.sm_budget, 0, "0: copy engines only");
+        assert!(run("[copy]\nsm-budgets = 4\n", &synthetic::small_vm()).is_err(), "unknown keys are refused");
     }
 
     #[test]
