@@ -494,6 +494,10 @@ pub struct Save {
     /// thousands of blocks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packed: Option<PackedSave>,
+    /// With GPU memory: the 64-byte CUDA IPC handle of an event the worker recorded after the
+    /// kernels that wrote these blocks; the copy waits for it on the GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_event: Option<BlockHashBytes>,
 }
 
 /// `save` blocks packed: `count` hashes of `hash_bytes` bytes back to back, and `count` engine
@@ -864,8 +868,9 @@ mod tests {
             Request::Save(Save {
                 blocks: vec![SaveBlock { hash: BlockHashBytes::from(vec![9; 32]), block_id: 4 }],
                 packed: None,
+                after_event: None,
             }),
-            Request::Save(Save { blocks: vec![], packed: PackedSave::pack([(&[9u8; 32][..], 4)]) }),
+            Request::Save(Save { blocks: vec![], packed: PackedSave::pack([(&[9u8; 32][..], 4)]), after_event: None }),
             Request::Load(Load { lease: 7, block_ids: vec![1, 2], block_ids_packed: None }),
             Request::Load(Load {
                 lease: 7,

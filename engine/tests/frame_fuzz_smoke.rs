@@ -137,6 +137,7 @@ impl Gen {
             4 => Request::Save(Save {
                 blocks: (0..self.below(8)).map(|_| SaveBlock { hash: self.hash(), block_id: self.u32() }).collect(),
                 packed: None,
+                after_event: None,
             }),
             5 => Request::Load(Load {
                 lease: self.u64(),
@@ -488,6 +489,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let save = Request::Save(Save {
         blocks: hashes.iter().enumerate().map(|(i, h)| SaveBlock { hash: h.clone(), block_id: i as u32 }).collect(),
         packed: None,
+        after_event: None,
     });
     let namespace = NamespaceSpec {
         model: "Qwen/Qwen3-0.6B".into(),

@@ -316,6 +316,7 @@ class Client:
         blocks: Iterable[tuple[bytes, int]],
         wait: bool = True,
         timeout: float | None = DEFAULT_EVENT_TIMEOUT,
+        after_event: bytes | None = None,
     ) -> Any:
         """Copy this rank's slices of engine blocks into the store.
 
@@ -325,15 +326,23 @@ class Client:
         ``error`` (why some failed; the engine goes on without them). The engine blocks must
         not change until then. With ``wait=False`` returns the request id at once; collect
         the completion with :meth:`wait_event`. Needs :meth:`register_memory` first
-        (``no_memory``).
+        (``no_memory``). With GPU memory, ``after_event`` is the IPC handle of a CUDA event
+        (``torch.cuda.Event(interprocess=True).ipc_handle()``) recorded after the kernels that
+        wrote the blocks: the server's copy waits for it on the GPU, so the worker need not
+        synchronize first.
         """
         blocks = blocks if isinstance(blocks, list) else list(blocks)
+        extra: dict[str, Any] = {}
+        if after_event is not None:
+            if not isinstance(after_event, (bytes, bytearray)) or len(after_event) != 64:
+                raise ValueError("after_event must be a 64-byte CUDA IPC event handle")
+            extra["after_event"] = bytes(after_event)
         packed = pack_save(blocks)
         if packed is not None:
             count = len(packed["block_ids"]) // 4
-            return self._submit_and_wait("save", count, {"op": "save", "packed": packed}, wait, timeout)
+            return self._submit_and_wait("save", count, {"op": "save", "packed": packed, **extra}, wait, timeout)
         wire = save_blocks_to_wire(blocks)
-        return self._submit_and_wait("save", len(wire), {"op": "save", "blocks": wire}, wait, timeout)
+        return self._submit_and_wait("save", len(wire), {"op": "save", "blocks": wire, **extra}, wait, timeout)
 
     def load(
         self,

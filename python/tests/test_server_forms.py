@@ -61,6 +61,8 @@ def test_packed_save_and_load_forms_are_checked(server: str) -> None:
         _refused(c, out_of_range, "block_out_of_range", "block 0")
         _refused(c, {"op": "load", "lease": 5, "block_ids": [1], "block_ids_packed": struct.pack("<I", 1)},
                  "bad_request", "not both")
+        _refused(c, {"op": "save", "blocks": [{"hash": h, "block_id": 1}], "after_event": bytes(64)},
+                 "bad_request", "after_event needs GPU memory")
         # The packed forms work end to end (what the client sends by default).
         cache.fill_block(3, "forms")
         assert c.save([(h, 3)])["saved"] == 1

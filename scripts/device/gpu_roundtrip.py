@@ -230,6 +230,42 @@ def schema_report(model: dict, cases: list) -> dict:
     }
 
 
+def ordering_test(sock: str) -> dict:
+    """A save ordered by an interprocess event: the blocks are written on a side stream behind a
+    long GPU sleep and the save is sent at once, without synchronizing; the copy must wait."""
+    nb, bb = 64, 64 << 10
+    t = torch.zeros((nb, bb), dtype=torch.uint8, device="cuda")
+    expected = torch.randint(0, 256, (8, bb), dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    layers, ipc, uuid = cuda_layers([t], nb)
+    c = kvloft.Client(sock, timeout=30)
+    c.register_instance("ordering", kvloft.Namespace(model="ordering", dtype="uint8", num_layers=1, num_kv_heads=1,
+                                                     head_size=bb, block_size=1, layout="hnd"))
+    c.register_memory(0, layers, device="cuda:0", gpu_uuid=uuid, ipc=ipc)
+    results = {}
+    for mode in ("after_event", "no_event"):
+        a = torch.arange(8, device="cuda") + (0 if mode == "after_event" else 8)
+        b = torch.arange(8, device="cuda") + 32 + (0 if mode == "after_event" else 8)
+        side = torch.cuda.Stream()
+        ev = torch.cuda.Event(interprocess=True)
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(1_000_000_000)  # about half a second of GPU time
+            t[a] = expected
+            ev.record(side)
+        hashes = [os.urandom(32) for _ in range(8)]
+        handle = bytes(ev.ipc_handle()) if mode == "after_event" else None
+        c.save(list(zip(hashes, a.tolist())), after_event=handle)
+        side.synchronize()
+        hit = c.lookup(hashes)
+        c.load(hit.lease, b.tolist())
+        results[mode] = bool(torch.equal(t[b], expected))
+    print(f"ordering: save after an interprocess event read the new bytes: {results['after_event']}; "
+          f"without it: {results['no_event']}", flush=True)
+    c.close()
+    return {"event_len": len(bytes(torch.cuda.Event(interprocess=True).ipc_handle())), "with_event_correct":
+            results["after_event"], "without_event_correct": results["no_event"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
@@ -248,6 +284,7 @@ def main() -> None:
     cases: list = []
     try:
         model = {"skipped": "--no-model"} if args.no_model else model_test(sock)
+        model["ordering"] = ordering_test(sock)
         blocks = [int(k) << 10 for k in args.block_kib.split(",")]
         batches = [int(b) for b in args.batches.split(",")]
         if args.quick:

@@ -134,13 +134,14 @@ impl Client {
     /// Saves `(hash, engine block id)` pairs and waits for the completion.
     pub fn save(&mut self, blocks: &[(Vec<u8>, u32)]) -> Result<SaveDone, ClientError> {
         let request = match PackedSave::pack(blocks.iter().map(|(h, id)| (h.as_slice(), *id))) {
-            Some(packed) => Save { blocks: vec![], packed: Some(packed) },
+            Some(packed) => Save { blocks: vec![], packed: Some(packed), after_event: None },
             None => Save {
                 blocks: blocks
                     .iter()
                     .map(|(h, id)| SaveBlock { hash: BlockHashBytes::from(h.clone()), block_id: *id })
                     .collect(),
                 packed: None,
+                after_event: None,
             },
         };
         let id = self.send(&Request::Save(request))?;

@@ -73,7 +73,13 @@ struct State {
     instance: Option<Instance>,
     memory: Option<(u32, EngineMemory)>,
     leases: Vec<u64>,
+    /// CUDA events the worker shared for ordering its saves, opened once each (a worker
+    /// usually re-records one event), at most [`MAX_EVENTS_PER_CONNECTION`].
+    events: Vec<([u8; 64], Arc<kvloft_gpu::cuda::IpcEvent>)>,
 }
+
+/// Distinct CUDA IPC events one connection may have open.
+const MAX_EVENTS_PER_CONNECTION: usize = 16;
 
 #[derive(Debug, Clone)]
 struct Instance {
@@ -370,16 +376,45 @@ impl Connection {
             mem.check_block(block_id).map_err(|e| Failure(ErrorCode::BlockOutOfRange, format!("block {i}: {e}")))?;
             items.push((block_hash(i, hash)?, block_id));
         }
+        let after = match &request.after_event {
+            None => None,
+            Some(handle) => Some(self.ipc_event(&mem, handle)?),
+        };
         let count = items.len() as u32;
         let conn = self.clone();
         glommio::spawn_local(async move {
-            let s = store::save(&conn.ctx, mem, instance.ns, rank, items).await;
+            let s = store::save(&conn.ctx, mem, instance.ns, rank, items, after).await;
             let done =
                 Event::SaveDone(SaveDone { saved: s.saved, present: s.present, failed: s.failed, error: s.error });
             conn.send(FrameKind::Event, request_id, &protocol::to_body(&done)).await;
         })
         .detach();
         Ok(Reply::Save(Queued { blocks: count }))
+    }
+
+    /// The worker's CUDA event `handle`, opened on its GPU (once per connection and handle).
+    fn ipc_event(&self, mem: &EngineMemory, handle: &[u8]) -> Result<Arc<kvloft_gpu::cuda::IpcEvent>, Failure> {
+        let EngineMemory::Cuda(cuda) = mem else {
+            return Err(Failure(ErrorCode::BadRequest, "after_event needs GPU memory (register \"cuda:N\")".into()));
+        };
+        let handle: [u8; 64] = handle.try_into().map_err(|_| {
+            Failure(
+                ErrorCode::BadRequest,
+                format!("after_event is a 64-byte CUDA IPC event handle, got {} bytes", handle.len()),
+            )
+        })?;
+        let mut state = self.state.borrow_mut();
+        if let Some((_, e)) = state.events.iter().find(|(h, _)| *h == handle) {
+            return Ok(e.clone());
+        }
+        let event = kvloft_gpu::cuda::IpcEvent::open(cuda.device().clone(), &handle)
+            .map_err(|e| Failure(ErrorCode::BadRequest, format!("after_event: {e}")))?;
+        let event = Arc::new(event);
+        if state.events.len() >= MAX_EVENTS_PER_CONNECTION {
+            state.events.remove(0);
+        }
+        state.events.push((handle, event.clone()));
+        Ok(event)
     }
 
     async fn load(self: &Rc<Self>, request_id: u64, lease: u64, block_ids: Vec<u32>) -> Result<Reply, Failure> {

@@ -19,7 +19,7 @@ use crate::store::{by_owner, fan_out, Loaded, OwnerOp, Saved, StoreError};
 use kvloft_engine::index::Reserved;
 use kvloft_engine::key::{BlockHash, BlockKey, SliceKey};
 use kvloft_engine::namespace::NamespaceId;
-use kvloft_gpu::cuda::{Copier, CudaError, CudaMemory, Device, HostRegistration};
+use kvloft_gpu::cuda::{Copier, CudaError, CudaMemory, Device, HostRegistration, IpcEvent};
 use kvloft_gpu::plan::Planner;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -161,9 +161,18 @@ impl ShardCtx {
 /// Moves `items` (`(engine block, slot device address)`) between `mem` and the pool on this
 /// shard's copier for `mem`'s GPU; returns once the GPU finished. The request is cut into batches
 /// of whole blocks, each planned while the GPU moves the ones before it.
-async fn copy(ctx: &Rc<ShardCtx>, mem: &CudaMemory, items: &[(u32, u64)], d2h: bool) -> Result<(), String> {
+async fn copy(
+    ctx: &Rc<ShardCtx>,
+    mem: &CudaMemory,
+    items: &[(u32, u64)],
+    d2h: bool,
+    after: Option<&IpcEvent>,
+) -> Result<(), String> {
     let slot = ctx.copy_slot(mem.device()).map_err(|e| e.to_string())?;
     let _turn = slot.turn.acquire_permit(1).await.map_err(|e| format!("copier closed: {e}"))?;
+    if let Some(event) = after {
+        slot.copier.borrow_mut().wait_for(event).map_err(|e| e.to_string())?;
+    }
     let planner = Planner {
         sm_budget: ctx.shared.topology.copy.sm_budget,
         sm_count: mem.device().sm_count(),
@@ -216,6 +225,7 @@ pub(crate) async fn save(
     ns: NamespaceId,
     rank: u32,
     blocks: Vec<(BlockHash, u32)>,
+    after: Option<Arc<IpcEvent>>,
 ) -> Saved {
     let slice_bytes = mem.slice_bytes();
     let keys = blocks.into_iter().map(|(hash, id)| (SliceKey { block: BlockKey { ns, hash }, rank: rank as u16 }, id));
@@ -246,7 +256,7 @@ pub(crate) async fn save(
             }
         }
     }
-    let result = if items.is_empty() { Ok(()) } else { copy(ctx, &mem, &items, true).await };
+    let result = if items.is_empty() { Ok(()) } else { copy(ctx, &mem, &items, true, after.as_deref()).await };
     let ok = result.is_ok();
     let copied: u32 = reserved.iter().map(|(_, k)| k.len() as u32).sum();
     if ok {
@@ -284,7 +294,7 @@ pub(crate) async fn load(ctx: &Rc<ShardCtx>, mem: Arc<CudaMemory>, lease: u64, k
         }
     }
     if error.is_none() && !items.is_empty() {
-        if let Err(e) = copy(ctx, &mem, &items, false).await {
+        if let Err(e) = copy(ctx, &mem, &items, false, None).await {
             error = Some(e);
         }
     }

@@ -601,10 +601,11 @@ pub(crate) async fn save(
     ns: NamespaceId,
     rank: u32,
     blocks: Vec<(BlockHash, u32)>,
+    after: Option<Arc<kvloft_gpu::cuda::IpcEvent>>,
 ) -> Saved {
     match mem {
         EngineMemory::Host(mem) => save_host(ctx, mem, ns, rank, blocks).await,
-        EngineMemory::Cuda(mem) => crate::gpu_path::save(ctx, mem, ns, rank, blocks).await,
+        EngineMemory::Cuda(mem) => crate::gpu_path::save(ctx, mem, ns, rank, blocks, after).await,
     }
 }
 

@@ -158,6 +158,14 @@ impl Copier {
         Ok(())
     }
 
+    /// Makes the batches submitted from now on wait (on the GPU, not the CPU) for the work
+    /// another process recorded `event` behind.
+    pub fn wait_for(&mut self, event: &super::memory::IpcEvent) -> Result<(), CudaError> {
+        self.dev.bind()?;
+        // SAFETY: both handles are live; the wait is enqueued on this copier's stream.
+        check("cuStreamWaitEvent", unsafe { sys::cuStreamWaitEvent(self.stream, event.raw(), 0) })
+    }
+
     /// Whether every submitted batch has finished (true when none was submitted).
     pub fn done(&mut self) -> Result<bool, CudaError> {
         match self.last {

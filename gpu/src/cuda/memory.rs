@@ -277,3 +277,45 @@ impl Drop for HostRegistration {
         }
     }
 }
+
+/// Another process's CUDA event opened from its IPC handle (`cudaIpcGetEventHandle`, torch's
+/// `Event(interprocess=True).ipc_handle()`): a copy can be ordered after the work that process
+/// recorded it behind, without either side waiting on the CPU.
+#[derive(Debug)]
+pub struct IpcEvent {
+    dev: Arc<Device>,
+    event: sys::CUevent,
+}
+
+// SAFETY: an event handle is usable from any thread with its context current.
+unsafe impl Send for IpcEvent {}
+// SAFETY: as above; the handle is only passed to stream waits.
+unsafe impl Sync for IpcEvent {}
+
+impl IpcEvent {
+    /// Opens the 64-byte event `handle` on `dev`.
+    pub fn open(dev: Arc<Device>, handle: &[u8; 64]) -> Result<IpcEvent, CudaError> {
+        dev.bind()?;
+        let h = sys::CUipcEventHandle { reserved: handle.map(|b| b as std::ffi::c_char) };
+        let mut event = std::ptr::null_mut();
+        // SAFETY: the context is current; `event` is a valid out-pointer. Destroyed in Drop.
+        check("cuIpcOpenEventHandle", unsafe { sys::cuIpcOpenEventHandle(&mut event, h) })?;
+        Ok(IpcEvent { dev, event })
+    }
+
+    /// The raw event, for [`crate::cuda::Copier::wait_for`].
+    pub(crate) fn raw(&self) -> sys::CUevent {
+        self.event
+    }
+}
+
+impl Drop for IpcEvent {
+    fn drop(&mut self) {
+        if self.dev.bind().is_ok() {
+            // SAFETY: opened in `open`, destroyed once.
+            unsafe {
+                sys::cuEventDestroy_v2(self.event);
+            }
+        }
+    }
+}

@@ -110,6 +110,7 @@ class KvloftConnector(KVConnectorBase_V1):
         self._transfers: Transfers | None = None
         self._handshake = KvloftHandshake(reason="register_kv_caches was not called")
         self._gpu = False
+        self._save_event: Any = None
         groups = getattr(kv_cache_config, "kv_cache_groups", None) if kv_cache_config is not None else None
         if groups is not None and len(groups) != 1:
             self.disabled_reason = (
@@ -258,10 +259,15 @@ class KvloftConnector(KVConnectorBase_V1):
         if self._transfers is None or plan is None:
             return
         if plan.saves:
+            after = None
             if self._gpu:
-                # kvloft copies on its own stream: the step's KV writes must be done first.
-                torch.cuda.current_stream().synchronize()
-            self._transfers.start_saves(plan.saves)
+                # kvloft copies on its own stream: its copy waits (on the GPU) for an event
+                # recorded after this step's kernels, so the blocks are written first.
+                if self._save_event is None:
+                    self._save_event = torch.cuda.Event(interprocess=True)
+                self._save_event.record(torch.cuda.current_stream())
+                after = bytes(self._save_event.ipc_handle())
+            self._transfers.start_saves(plan.saves, after_event=after)
         if plan.delayed_free:
             self._transfers.mark_delayed(plan.delayed_free)
 

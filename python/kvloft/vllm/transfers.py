@@ -99,8 +99,9 @@ class Transfers:
                 continue
             self._loads[rid] = _Load(spec, self._clock())
 
-    def start_saves(self, saves: Iterable[SaveSpec]) -> None:
-        """Submits this step's saves as one kvloft request (a hash saved twice is sent once)."""
+    def start_saves(self, saves: Iterable[SaveSpec], after_event: bytes | None = None) -> None:
+        """Submits this step's saves as one kvloft request (a hash saved twice is sent once);
+        with GPU memory, ``after_event`` orders the copy after the step's kernels."""
         blocks: list[tuple[bytes, int]] = []
         seen: set[bytes] = set()
         req_ids: list[str] = []
@@ -117,7 +118,7 @@ class Transfers:
             self.counters.save(0, 0, len(blocks), 0.0)
             return
         try:
-            rid = client.save(blocks, wait=False)
+            rid = client.save(blocks, wait=False, after_event=after_event)
         except (KvloftError, OSError) as e:
             self.counters.save(0, 0, len(blocks), 0.0)
             self._on_error(e)
