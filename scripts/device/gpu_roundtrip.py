@@ -224,7 +224,7 @@ def schema_report(model: dict, cases: list) -> dict:
         "machine": {"cpu": cpu, "cores": os.cpu_count() or 0, "numa_nodes": 1,
                     "gpus": [torch.cuda.get_device_name(0)], "kernel": platform.release(), "hostname": platform.node()},
         "command": " ".join(sys.argv),
-        "git_rev": os.environ.get("KVLOFT_GIT_REV", ""),
+        "git_rev": os.environ.get("KVLOFT_GIT_REV") or "unknown",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cases": [model_case, *cases],
     }
