@@ -496,3 +496,20 @@ def test_no_server_at_all(tmp_path) -> None:
             1, 1, 1, 2
         )
         assert t.counters.take() is None
+
+
+def test_saves_in_flight_are_bounded(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvloft.vllm.transfers as transfers_mod
+
+    monkeypatch.setattr(transfers_mod, "MAX_INFLIGHT_SAVES", 2)
+    chain = chain_hashes("bounded", 3)
+    ids = rig.fill(chain, 0)
+    t = rig.transfers
+    with events_held(rig.link):
+        for i in range(3):
+            t.start_saves([SaveSpec(f"r{i}", chain[i : i + 1], ids[i : i + 1])])
+        assert t.in_flight == (0, 2), "the third step's save is skipped while two are in flight"
+        assert t.counters.peek()["save_failed_blocks"] == 1
+        t.mark_delayed(["r2"])
+        assert rig.poll().sending == {"r2"}, "a skipped save holds no blocks"
+    rig.poll_until(lambda: t.in_flight == (0, 0))

@@ -26,6 +26,10 @@ from .stats import ConnectorCounters
 
 log = logging.getLogger("vllm.kvloft")
 
+#: Save requests one worker keeps in flight; a step whose save would exceed it skips its save
+#: (a future miss) rather than let a stalled kvloft grow the table without bound.
+MAX_INFLIGHT_SAVES = 256
+
 
 @dataclass
 class _Load:
@@ -112,6 +116,10 @@ class Transfers:
                     seen.add(h)
                     blocks.append((h, b))
         if not blocks:
+            return
+        if len(self._saves) >= MAX_INFLIGHT_SAVES:
+            log.warning("kvloft: %d saves in flight; skipping this step's save", len(self._saves))
+            self.counters.save(0, 0, len(blocks), 0.0)
             return
         client = self._client()
         if client is None:
