@@ -17,9 +17,11 @@
 
 use crate::report::{Case, Report};
 use hdrhistogram::Histogram;
+use kvloft_engine::protocol::{LayerMemory, NamespaceSpec};
 use kvloft_gpu::cuda::{Copier, CudaError, Device, DeviceBuffer, HostRegistration};
 use kvloft_gpu::plan::{Method, Plan, Planner, Range, CTAS_PER_SM, KERNEL_THREADS};
 use kvloft_gpu::Arena;
+use kvloft_shard::client::Client;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -57,6 +59,14 @@ pub struct GpuArgs {
     /// Where to write the JSON result.
     #[arg(long, value_name = "FILE", default_value = "bench-gpu.json")]
     pub out: PathBuf,
+    /// Also measures the full server path: starts `kvloft serve` (this binary) as a child
+    /// process, registers the caches by CUDA IPC and times each save (request to `save_done`) and
+    /// load (request to `load_done`; the lookup before it is not timed).
+    #[arg(long)]
+    pub server: bool,
+    /// Pool of the server `--server` starts.
+    #[arg(long, default_value_t = 8u64 << 30)]
+    pub server_pool_bytes: u64,
 }
 
 /// Why the suite failed.
@@ -75,6 +85,12 @@ pub enum GpuBenchError {
     /// An argument is unusable.
     #[error("{0}")]
     Args(String),
+    /// The server for `--server` did not start.
+    #[error(transparent)]
+    Server(#[from] crate::server::ServerError),
+    /// A request to that server failed.
+    #[error("server path: {0}")]
+    Client(#[from] kvloft_shard::client::ClientError),
     /// The result could not be written.
     #[error("writing {path}: {error}")]
     Write {
@@ -102,6 +118,9 @@ fn pattern(layer: u32, len: usize) -> Vec<u8> {
     }
     out
 }
+
+/// A cache's `register_memory`: per layer its geometry and `(IPC handle, offset)`.
+type Registration = (Vec<LayerMemory>, Vec<(Vec<u8>, u64)>);
 
 /// The engine's cache for one layout and block size.
 struct Engine {
@@ -141,6 +160,84 @@ impl Engine {
     /// Bytes of one block over every layer: one pool slot.
     fn slice_bytes(&self) -> u64 {
         self.block_bytes * u64::from(self.layers)
+    }
+
+    /// The `register_memory` description of the cache: per layer its geometry (`base` = offset
+    /// in its allocation) and its allocation's IPC handle.
+    fn registration(&self) -> Result<Registration, CudaError> {
+        let bb = self.block_bytes;
+        let nb = self.num_blocks;
+        let mut layers = Vec::new();
+        let mut ipc = Vec::new();
+        for l in 0..self.layers as usize {
+            let (buf, offset, layer) = match self.layout.as_str() {
+                "cross_layer" => {
+                    let off = l as u64 * bb;
+                    let layer = LayerMemory {
+                        base: off,
+                        num_blocks: nb as u32,
+                        block_stride: self.slice_bytes(),
+                        segments: 1,
+                        segment_stride: 0,
+                        segment_bytes: bb,
+                    };
+                    (0, off, layer)
+                }
+                "nhd" => {
+                    let seg = bb / 2;
+                    let layer = LayerMemory {
+                        base: 0,
+                        num_blocks: nb as u32,
+                        block_stride: seg,
+                        segments: 2,
+                        segment_stride: nb * seg,
+                        segment_bytes: seg,
+                    };
+                    (l, 0, layer)
+                }
+                _ => {
+                    let layer = LayerMemory {
+                        base: 0,
+                        num_blocks: nb as u32,
+                        block_stride: bb,
+                        segments: 1,
+                        segment_stride: 0,
+                        segment_bytes: bb,
+                    };
+                    (l, 0, layer)
+                }
+            };
+            layers.push(layer);
+            ipc.push((self.buffers[buf].ipc_handle()?.to_vec(), offset));
+        }
+        Ok((layers, ipc))
+    }
+
+    /// Checks that blocks `b` hold what blocks `a` held (read back from the GPU), then records
+    /// that in the mirror.
+    fn check_loaded(&mut self, a: &[u64], b: &[u64]) -> Result<(), GpuBenchError> {
+        let device: Vec<Vec<u8>> = self
+            .buffers
+            .iter()
+            .map(|d| {
+                let mut v = vec![0u8; d.len()];
+                d.read(0, &mut v).map(|()| v)
+            })
+            .collect::<Result<_, _>>()?;
+        for (i, &blk) in b.iter().enumerate() {
+            let want_runs = self.runs(a[i]);
+            for (j, (buf, off, len, _)) in self.runs(blk).into_iter().enumerate() {
+                let (wb, wo, wl, _) = want_runs[j];
+                if device[buf][off as usize..(off + len) as usize] != *self.expected(wb, wo, wl) {
+                    return Err(GpuBenchError::Mismatch(format!(
+                        "{} {}-byte blocks: block {blk} after a load through the server differs from block {}",
+                        self.layout, self.block_bytes, a[i]
+                    )));
+                }
+            }
+        }
+        self.mirror = device;
+        Ok(())
     }
 
     /// (buffer, offset, len, offset in the slot) of every run of block `b`.
@@ -210,6 +307,17 @@ pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
         eprintln!("kernel: {note}");
     }
     let planner = Planner { sm_budget: args.sm_budget, sm_count: dev.sm_count(), ..Planner::default() };
+    // The full server path: a `kvloft serve` child (CUDA IPC needs another process).
+    let server = if args.server {
+        let exe = std::env::current_exe().map_err(|e| GpuBenchError::Args(format!("cannot find this binary: {e}")))?;
+        let config = server_config(args.sm_budget)?;
+        let s = crate::server::OwnServer::start(&exe, Some(config.path()), args.server_pool_bytes, false)?;
+        eprintln!("server path: kvloft serve at {} (sm budget {})", s.socket().display(), args.sm_budget);
+        Some((s, config))
+    } else {
+        None
+    };
+    let mut instance = 0u32;
     let mut report = Report::new("gpu");
     let mut rng = 0x2545_f491_4f6c_dd1d_u64;
     let mut next = move || {
@@ -303,13 +411,148 @@ pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
                         report.cases.push(case);
                     }
                 }
+                if let Some((server, _)) = &server {
+                    instance += 1;
+                    let name = format!("bench-gpu-{instance}");
+                    let cases = server_cases(server.socket(), &name, &mut engine, &dev, (&a, &b), args, &mut next)?;
+                    for mut case in cases {
+                        let d2h = case.params.get("direction").and_then(|d| d.as_str()) == Some("d2h");
+                        let ceiling =
+                            time_plan(&mut copier, &contiguous(&ceiling_buf, pool, bytes, d2h), args.repetitions)?;
+                        let ceiling_gbps = bytes as f64 / ceiling / 1e9;
+                        let gbps = case.gbps.unwrap_or(0.0);
+                        case.ceiling_gbps = Some(ceiling_gbps);
+                        case.ratio = Some(gbps / ceiling_gbps);
+                        eprintln!(
+                            "{:<36} {:>7.2} GB/s  ceiling {:>6.2}  ratio {:.2}  (server path, verified)",
+                            case.name,
+                            gbps,
+                            ceiling_gbps,
+                            gbps / ceiling_gbps
+                        );
+                        report.cases.push(case);
+                    }
+                }
             }
         }
     }
+    drop(server);
     drop(copier);
     drop(reg); // before the arena it registers
     drop(arena);
     Ok(report)
+}
+
+/// A topology file for the server of `--server`: the machine's default shards with this SM
+/// budget.
+fn server_config(sm_budget: u32) -> Result<tempfile::NamedTempFile, GpuBenchError> {
+    let machine = kvloft_topology::discover().map_err(|e| GpuBenchError::Args(format!("discovery: {e}")))?;
+    let mut topology =
+        kvloft_topology::validate::embedded_default(&machine).map_err(|d| GpuBenchError::Args(d.to_string()))?.topology;
+    topology.copy.sm_budget = sm_budget;
+    let text = kvloft_topology::render::render(&machine, &topology, None);
+    let mut file = tempfile::Builder::new()
+        .prefix("kvloft-bench-gpu")
+        .suffix(".toml")
+        .tempfile()
+        .map_err(|e| GpuBenchError::Args(format!("temporary topology file: {e}")))?;
+    std::io::Write::write_all(&mut file, text.as_bytes())
+        .map_err(|e| GpuBenchError::Args(format!("temporary topology file: {e}")))?;
+    Ok(file)
+}
+
+/// The server-path cases of one engine and batch: registers the cache by CUDA IPC, proves a save
+/// of `a` and a load into `b` (poisoned first) byte for byte, then times saves of `a` under fresh
+/// hashes (request to `save_done`) and loads into `b` (request to `load_done`).
+fn server_cases(
+    socket: &std::path::Path,
+    name: &str,
+    engine: &mut Engine,
+    dev: &Arc<Device>,
+    (a, b): (&[u64], &[u64]),
+    args: &GpuArgs,
+    next: &mut impl FnMut() -> u64,
+) -> Result<Vec<Case>, GpuBenchError> {
+    let mut client = Client::connect(socket, "bench-gpu", std::time::Duration::from_secs(60))?;
+    let ns = NamespaceSpec {
+        model: "bench-gpu".into(),
+        dtype: "uint8".into(),
+        kv_dtype: "auto".into(),
+        num_layers: engine.layers,
+        num_kv_heads: 1,
+        head_size: engine.block_bytes as u32,
+        block_size: 1,
+        layout: engine.layout.clone(),
+        tp_size: 1,
+        pp_size: 1,
+        group: 0,
+        variant: format!("bench/{}/{}", engine.layout, engine.block_bytes),
+    };
+    client.register_instance(name, ns)?;
+    let (layers, ipc) = engine.registration()?;
+    client.register_cuda_memory(0, layers, dev.uuid(), ipc)?;
+    let ids = |blocks: &[u64]| blocks.iter().map(|&x| x as u32).collect::<Vec<u32>>();
+    let mut hashes = || (0..a.len()).map(|_| next().to_le_bytes().repeat(4)).collect::<Vec<Vec<u8>>>();
+    let bytes = a.len() as u64 * engine.slice_bytes();
+    // Proof: save A, poison B, load A's slices into B, compare.
+    let h = hashes();
+    let saved = client.save(&h.iter().cloned().zip(ids(a)).collect::<Vec<_>>())?;
+    if saved.saved as usize != a.len() {
+        return Err(GpuBenchError::Mismatch(format!("server save: {saved:?}")));
+    }
+    for (buf, off, len, _) in b.iter().flat_map(|&blk| engine.runs(blk)) {
+        engine.buffers[buf].write(off as usize, &vec![0xA5; len as usize])?;
+    }
+    let hit = client.lookup(&h)?;
+    let loaded = client.load(hit.lease, &ids(b))?;
+    if loaded.error.is_some() || loaded.loaded as usize != b.len() {
+        return Err(GpuBenchError::Mismatch(format!("server load: {loaded:?}")));
+    }
+    engine.check_loaded(a, b)?;
+    let mut out = Vec::new();
+    for dir in ["d2h", "h2d"] {
+        let mut times = Vec::new();
+        let mut hist = Histogram::<u64>::new(3).expect("histogram");
+        for _ in 0..args.repetitions.max(1) {
+            let h = hashes();
+            let t0;
+            if dir == "d2h" {
+                t0 = Instant::now();
+                client.save(&h.iter().cloned().zip(ids(a)).collect::<Vec<_>>())?;
+            } else {
+                client.save(&h.iter().cloned().zip(ids(a)).collect::<Vec<_>>())?;
+                let hit = client.lookup(&h)?;
+                t0 = Instant::now();
+                let l = client.load(hit.lease, &ids(b))?;
+                if l.error.is_some() {
+                    return Err(GpuBenchError::Mismatch(format!("server load: {l:?}")));
+                }
+            }
+            let s = t0.elapsed().as_secs_f64();
+            times.push(s);
+            let _ = hist.record((s * 1e9) as u64);
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let mut case = Case {
+            name: format!("{dir}_{}_{}k_b{}_server", engine.layout, engine.block_bytes >> 10, a.len()),
+            gbps: Some(bytes as f64 / median / 1e9),
+            ..Case::default()
+        }
+        .with_latency(&hist);
+        let p = &mut case.params;
+        p.insert("direction".into(), dir.into());
+        p.insert("layout".into(), engine.layout.as_str().into());
+        p.insert("block_bytes".into(), engine.block_bytes.into());
+        p.insert("batch".into(), a.len().into());
+        p.insert("layers".into(), engine.layers.into());
+        p.insert("bytes".into(), bytes.into());
+        p.insert("path".into(), "server".into());
+        p.insert("sm_budget".into(), args.sm_budget.into());
+        p.insert("verified".into(), true.into());
+        out.push(case);
+    }
+    Ok(out)
 }
 
 /// One contiguous copy of `bytes` between a device buffer and the pool.

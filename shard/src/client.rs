@@ -118,6 +118,32 @@ impl Client {
         }
     }
 
+    /// Registers GPU memory for `rank` (the cuda backend): the GPU's UUID and, per layer, the CUDA
+    /// IPC handle of its allocation and the offset of its block 0 in it (each layer's `base` is
+    /// that offset). Returns the slice size.
+    pub fn register_cuda_memory(
+        &mut self,
+        rank: u32,
+        layers: Vec<LayerMemory>,
+        gpu_uuid: [u8; 16],
+        ipc: Vec<(Vec<u8>, u64)>,
+    ) -> Result<u64, ClientError> {
+        let ipc = ipc
+            .into_iter()
+            .map(|(handle, offset)| kvloft_engine::protocol::IpcRegion { handle: BlockHashBytes::from(handle), offset })
+            .collect();
+        match self.call(&Request::RegisterMemory(RegisterMemory {
+            rank,
+            device: "cuda:0".into(),
+            layers,
+            gpu_uuid: Some(BlockHashBytes::from(gpu_uuid.to_vec())),
+            ipc,
+        }))? {
+            Reply::RegisterMemory(r) => Ok(r.slice_bytes),
+            _ => Err(ClientError::UnexpectedReply("register_memory")),
+        }
+    }
+
     /// Leading hits among `hashes` and the lease pinning them.
     pub fn lookup(&mut self, hashes: &[Vec<u8>]) -> Result<LookupReply, ClientError> {
         // One packed byte string when the hashes share a length (the usual case).
