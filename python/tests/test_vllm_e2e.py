@@ -171,6 +171,9 @@ def test_engine_survives_kvloft_dying_and_hits_resume(model: Path, workdir: Path
             assert r["outputs"][0] == baseline["Y"]
             hits = ext_hits(r)
             assert hits > 0, "after vLLM's prefix cache is emptied, the prefix comes from kvloft"
+            # The connector's own Prometheus metrics (vllm:kvloft_*) agree with vLLM's count.
+            assert r["metrics"].get("vllm:kvloft_hit_tokens") == hits, r["metrics"]
+            assert r["metrics"].get("vllm:kvloft_loaded_blocks", 0) > 0, r["metrics"]
 
             # kvloft is killed while a batch is being served.
             c.send({"op": "generate", "prompts": BATCH_Z, "max_tokens": BATCH_TOKENS})
@@ -212,12 +215,25 @@ assert cls is KvloftConnector, cls
 stats = cls.build_kv_connector_stats({"lookups": 2, "lookup_blocks": 10, "hit_blocks": 4, "lookup_s": [0.001, 0.003]})
 more = cls.build_kv_connector_stats({"loads": 1, "loaded_blocks": 4, "load_s": [0.002]})
 total = stats.aggregate(more)
-print(json.dumps({"reduced": total.reduce(), "empty": cls.build_kv_connector_stats().is_empty()}))
+import types
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+prom = cls.build_prom_metrics(types.SimpleNamespace(kv_transfer_config=None),
+                              {Counter: Counter, Gauge: Gauge, Histogram: Histogram},
+                              ["model_name", "engine"], {0: ["tiny", "0"]})
+prom.observe({"hit_tokens": 96, "load_failures": 1, "load_s": [0.002, 0.004]}, 0)
+labels = {"model_name": "tiny", "engine": "0"}
+exported = {
+    "hit_tokens": REGISTRY.get_sample_value("vllm:kvloft_hit_tokens_total", labels),
+    "load_failures": REGISTRY.get_sample_value("vllm:kvloft_load_failures_total", labels),
+    "load_count": REGISTRY.get_sample_value("vllm:kvloft_load_seconds_count", labels),
+}
+print(json.dumps({"reduced": total.reduce(), "empty": cls.build_kv_connector_stats().is_empty(), "prom": exported}))
 """
 
 
 def test_plugin_registers_the_connector_and_its_stats() -> None:
-    """The ``vllm.general_plugins`` entry point makes the name resolve; the stats aggregate."""
+    """The ``vllm.general_plugins`` entry point makes the name resolve; the stats aggregate and
+    reach vLLM's Prometheus endpoint as ``vllm:kvloft_*``."""
     _skip_or_fail()
     from harness import engine_env
 
@@ -233,3 +249,4 @@ def test_plugin_registers_the_connector_and_its_stats() -> None:
     assert reduced["hit_rate"] == 0.4
     assert reduced["lookup_p50_ms"] == 2.0 and reduced["load_p50_ms"] == 2.0
     assert out["empty"] is True
+    assert out["prom"] == {"hit_tokens": 96.0, "load_failures": 1.0, "load_count": 2.0}

@@ -20,7 +20,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
 from ..client import Client
 from ..errors import ProtocolMismatch, ServerUnavailable
@@ -88,6 +88,56 @@ class KvloftStats(KVConnectorStats):
 
     def is_empty(self) -> bool:
         return stats.is_empty(self.data)
+
+
+class KvloftPromMetrics(KVConnectorPromMetrics):
+    """The connector's figures as Prometheus metrics on vLLM's endpoint: ``vllm:kvloft_*``
+    counters (hit tokens and blocks, loads, saves, failures) and latency histograms."""
+
+    COUNTERS = {
+        "hit_tokens": "Prompt tokens found in kvloft (beyond vLLM's own prefix cache)",
+        "hit_blocks": "Blocks found in kvloft by lookups",
+        "lookup_blocks": "Blocks looked up in kvloft",
+        "loaded_blocks": "Blocks loaded from kvloft",
+        "load_failures": "Loads from kvloft that failed (their blocks were recomputed)",
+        "saved_blocks": "Blocks saved into kvloft",
+        "save_failed_blocks": "Blocks kvloft could not save",
+        "errors": "Requests to kvloft that failed",
+    }
+    HISTOGRAMS = {"lookup_s": "lookup", "load_s": "load", "save_s": "save"}
+    BUCKETS = [0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
+
+    def __init__(self, vllm_config: Any, metric_types: dict, labelnames: list[str], per_engine_labelvalues: dict):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters = {
+            key: self.create_metric_per_engine(
+                self._counter_cls(name=f"vllm:kvloft_{key}", documentation=doc, labelnames=labelnames)
+            )
+            for key, doc in self.COUNTERS.items()
+        }
+        self._histograms = {
+            key: self.create_metric_per_engine(
+                self._histogram_cls(
+                    name=f"vllm:kvloft_{name}_seconds",
+                    documentation=f"Seconds a kvloft {name} took, from request to completion",
+                    labelnames=labelnames,
+                    buckets=self.BUCKETS,
+                )
+            )
+            for key, name in self.HISTOGRAMS.items()
+        }
+
+    def create_metric_per_engine(self, metric: Any) -> dict[int, Any]:
+        return {idx: metric.labels(*values) for idx, values in self.per_engine_labelvalues.items()}
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for key, per_engine in self._counters.items():
+            value = int(transfer_stats_data.get(key, 0) or 0)
+            if value:
+                per_engine[engine_idx].inc(value)
+        for key, per_engine in self._histograms.items():
+            for seconds in transfer_stats_data.get(key, ()) or ():
+                per_engine[engine_idx].observe(float(seconds))
 
 
 class KvloftConnector(KVConnectorBase_V1):
@@ -287,6 +337,16 @@ class KvloftConnector(KVConnectorBase_V1):
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvloftStats:
         return KvloftStats(data=data or stats.empty())
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: Any,
+        metric_types: dict[Any, Any],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KvloftPromMetrics:
+        return KvloftPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self._transfers is not None:

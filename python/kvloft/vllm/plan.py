@@ -178,7 +178,7 @@ class Planner:
         except OSError as e:
             self._link_error("lookup", e)
             return 0, False
-        self.counters.lookup(end - start, hit.hits, time.perf_counter() - began)
+        self.counters.lookup(end - start, hit.hits, time.perf_counter() - began, b)
         if hit.hits == 0:
             return 0, False
         t.lease, t.lease_start, t.lease_hits, t.lease_time = hit.lease, start, hit.hits, now

@@ -19,6 +19,7 @@ COUNTS = (
     "lookups",
     "lookup_blocks",
     "hit_blocks",
+    "hit_tokens",
     "loads",
     "loaded_blocks",
     "load_failures",
@@ -72,12 +73,14 @@ class ConnectorCounters:
     def __init__(self) -> None:
         self._data = empty()
 
-    def lookup(self, blocks: int, hits: int, seconds: float) -> None:
-        """One lookup of ``blocks`` block hashes that found ``hits`` leading ones."""
+    def lookup(self, blocks: int, hits: int, seconds: float, block_size: int = 0) -> None:
+        """One lookup of ``blocks`` block hashes that found ``hits`` leading ones
+        (``block_size`` tokens each)."""
         d = self._data
         d["lookups"] += 1
         d["lookup_blocks"] += blocks
         d["hit_blocks"] += hits
+        d["hit_tokens"] += hits * block_size
         _sample(d["lookup_s"], seconds)
 
     def load(self, blocks: int, seconds: float, ok: bool) -> None:

@@ -23,6 +23,9 @@ METRICS = (
     "vllm:external_prefix_cache_queries",
     "vllm:prefix_cache_hits",
     "vllm:prefix_cache_queries",
+    "vllm:kvloft_hit_tokens",
+    "vllm:kvloft_loaded_blocks",
+    "vllm:kvloft_saved_blocks",
 )
 
 
