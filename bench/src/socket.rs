@@ -28,6 +28,8 @@ pub struct SocketOptions {
     /// Clients per shard in the throughput run; more than one overlaps one client's round trip
     /// with another's work, so the run measures the shards rather than one client's latency.
     pub clients_per_shard: usize,
+    /// How long each client polls for a reply before it sleeps ([`Client::set_spin`]).
+    pub client_spin: Duration,
 }
 
 impl Default for SocketOptions {
@@ -39,6 +41,7 @@ impl Default for SocketOptions {
             throughput_time: Duration::from_secs(3),
             batch_sizes: vec![1, 64, 1024],
             clients_per_shard: 2,
+            client_spin: Duration::from_micros(100),
         }
     }
 }
@@ -80,8 +83,9 @@ fn namespace() -> NamespaceSpec {
 }
 
 /// A connected client registered as a worker over `memory` (one layer, K and V segments).
-fn worker(socket: &Path, instance: &str, memory: &[u8]) -> Result<Client, ClientError> {
+fn worker(socket: &Path, instance: &str, memory: &[u8], spin: Duration) -> Result<Client, ClientError> {
     let mut c = Client::connect(socket, "kvloft-bench", Duration::from_secs(30))?;
+    c.set_spin(spin);
     c.register_instance(instance, namespace())?;
     let layer = LayerMemory {
         base: memory.as_ptr() as u64,
@@ -102,7 +106,7 @@ pub fn run(opts: &SocketOptions) -> Result<Report, ClientError> {
     // The "KV cache" the server copies from: K and V halves of WORKING_SET_BLOCKS blocks.
     let memory: Vec<u8> = (0..2 * WORKING_SET_BLOCKS * SEGMENT_BYTES).map(|i| (i % 251) as u8).collect();
     let instance = format!("bench-{salt:x}");
-    let mut client = worker(&opts.socket, &instance, &memory)?;
+    let mut client = worker(&opts.socket, &instance, &memory, opts.client_spin)?;
     let shards = client.server.shards.max(1) as usize;
     let hashes: Vec<Vec<u8>> = (0..WORKING_SET_BLOCKS as u64).map(|i| block_hash(salt, i)).collect();
     for chunk in (0..WORKING_SET_BLOCKS).collect::<Vec<_>>().chunks(1024) {
@@ -134,6 +138,7 @@ pub fn run(opts: &SocketOptions) -> Result<Report, ClientError> {
         case.params.insert("hashes".into(), n.into());
         case.params.insert("shards".into(), shards.into());
         case.params.insert("hits".into(), n.into());
+        case.params.insert("client_spin_us".into(), (opts.client_spin.as_micros() as u64).into());
         report.cases.push(case);
     }
 
@@ -145,9 +150,10 @@ pub fn run(opts: &SocketOptions) -> Result<Report, ClientError> {
     let results: Vec<Result<(u64, Duration), ClientError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..clients)
             .map(|t| {
-                let (hashes, memory, instance, socket) = (&hashes, &memory, &instance, &opts.socket);
+                let (hashes, memory, instance, socket, spin) =
+                    (&hashes, &memory, &instance, &opts.socket, opts.client_spin);
                 s.spawn(move || -> Result<(u64, Duration), ClientError> {
-                    let mut c = worker(socket, instance, memory)?;
+                    let mut c = worker(socket, instance, memory, spin)?;
                     let (t0, mut looked_up, mut r) = (Instant::now(), 0u64, t);
                     while t0.elapsed() < deadline {
                         let start = (r * 131) % (WORKING_SET_BLOCKS - n + 1);
@@ -178,6 +184,7 @@ pub fn run(opts: &SocketOptions) -> Result<Report, ClientError> {
     case.params.insert("hashes_per_lookup".into(), n.into());
     case.params.insert("clients".into(), clients.into());
     case.params.insert("shards".into(), shards.into());
+    case.params.insert("client_spin_us".into(), (opts.client_spin.as_micros() as u64).into());
     case.params.insert("unit".into(), "hash lookups per second per shard (lookup + release)".into());
     report.cases.push(case);
     Ok(report)

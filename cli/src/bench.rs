@@ -28,6 +28,9 @@ pub enum Suite {
         /// Clients per shard in the throughput run.
         #[arg(long, default_value_t = 2)]
         clients_per_shard: usize,
+        /// Microseconds each client polls for a reply before it sleeps (0: sleep at once).
+        #[arg(long, default_value_t = 100)]
+        client_spin_us: u64,
         /// Where to write the JSON result.
         #[arg(long, value_name = "FILE", default_value = "bench-socket.json")]
         out: PathBuf,
@@ -117,7 +120,7 @@ pub fn run(suite: &Suite) -> anyhow::Result<ExitCode> {
             kvloft_bench::calibrate::main(args)?;
             Ok(ExitCode::SUCCESS)
         }
-        Suite::Socket { socket, config, repetitions, seconds, clients_per_shard, out, plot } => {
+        Suite::Socket { socket, config, repetitions, seconds, clients_per_shard, client_spin_us, out, plot } => {
             let mut own = None;
             let socket = match socket {
                 Some(s) => s.clone(),
@@ -134,6 +137,7 @@ pub fn run(suite: &Suite) -> anyhow::Result<ExitCode> {
                 repetitions: *repetitions,
                 throughput_time: Duration::from_secs_f64(*seconds),
                 clients_per_shard: *clients_per_shard,
+                client_spin: Duration::from_micros(*client_spin_us),
                 ..SocketOptions::default()
             };
             let report = socket::run(&opts).context("the socket suite failed")?;

@@ -28,6 +28,7 @@ use crate::limits::{
     EXPIRE_BATCH_LEASES, FREQ_MAX, GHOST_PERCENT, MAX_LEASES_PER_SHARD, MAX_PINS_PER_SHARD, SMALL_QUEUE_PERCENT,
 };
 use crate::slab::{SlabAllocator, Slot};
+use crate::table::SliceTable;
 use std::collections::{BTreeSet, VecDeque};
 
 /// Hash maps keyed by client-chosen hashes: foldhash is several times faster than SipHash on these
@@ -118,7 +119,7 @@ const FIRST_PIN_CAPACITY: usize = 16;
 pub struct ShardIndex {
     slab: SlabAllocator,
     max_entries: usize,
-    entries: HashMap<SliceKey, Entry>,
+    entries: SliceTable<Entry>,
     // Queues hold exactly the sealed entries: the front is the tail (next to leave), new keys are
     // pushed at the back. Sealed entries leave only by eviction, so the queues hold no stale keys.
     small: VecDeque<SliceKey>,
@@ -147,7 +148,7 @@ impl ShardIndex {
         Self {
             slab: SlabAllocator::new(capacity_bytes),
             max_entries,
-            entries: HashMap::default(),
+            entries: SliceTable::new(),
             small: VecDeque::new(),
             main: VecDeque::new(),
             ghost: VecDeque::new(),
@@ -271,6 +272,65 @@ impl ShardIndex {
         e.pins += 1;
         e.freq = (e.freq + 1).min(FREQ_MAX);
         Some(e.slot)
+    }
+
+    /// Pins, in order, the sealed slice of every item of `items` (its key is `key_of(item)`) for
+    /// `lease`, as [`ShardIndex::pin`] does one by one, and calls `found(i, slot)` for each
+    /// `items[i]` pinned; returns how many. One call looks the lease up once and overlaps the
+    /// index's cache misses (see [`SliceTable::get_many_mut`]), which is what makes a 1,024-hash
+    /// lookup cheap. Stops pinning at the pin or lease bound; the keys left over count as misses.
+    pub fn pin_many<T>(
+        &mut self,
+        lease: u64,
+        expires_ms: u64,
+        items: &[T],
+        key_of: impl Fn(&T) -> &SliceKey,
+        mut found: impl FnMut(usize, Slot),
+    ) -> usize {
+        let room = MAX_PINS_PER_SHARD.saturating_sub(self.pin_records);
+        if items.is_empty() || room == 0 {
+            return 0;
+        }
+        if !self.leases.contains_key(&lease) && self.leases.len() >= MAX_LEASES_PER_SHARD {
+            return 0;
+        }
+        let mut pinned = Vec::with_capacity(items.len().min(room));
+        let (mut newly_pinned, mut newly_pinned_main) = (0, 0);
+        self.entries.get_many_mut(items, key_of, |i, key, e| {
+            if e.state == State::Writing || pinned.len() >= room {
+                return;
+            }
+            if e.pins == 0 {
+                newly_pinned += 1;
+                newly_pinned_main += usize::from(e.state == State::Main);
+            }
+            e.pins += 1;
+            e.freq = (e.freq + 1).min(FREQ_MAX);
+            pinned.push(*key);
+            found(i, e.slot);
+        });
+        let n = pinned.len();
+        if n == 0 {
+            return 0;
+        }
+        self.pin_records += n;
+        self.pinned_entries += newly_pinned;
+        self.pinned_main += newly_pinned_main;
+        match self.leases.get_mut(&lease) {
+            Some(lp) => {
+                if expires_ms > lp.expires_ms {
+                    self.expiry.remove(&(lp.expires_ms, lease));
+                    self.expiry.insert((expires_ms, lease));
+                    lp.expires_ms = expires_ms;
+                }
+                lp.keys.extend_from_slice(&pinned);
+            }
+            None => {
+                self.leases.insert(lease, LeasePins { expires_ms, keys: pinned });
+                self.expiry.insert((expires_ms, lease));
+            }
+        }
+        n
     }
 
     /// Keeps the first `keep` pins `lease` took on this shard (in pin order) and drops the rest;
@@ -410,17 +470,22 @@ impl ShardIndex {
     /// Drops one pin record on each of `keys` (which some lease held and has let go).
     fn drop_pins(&mut self, keys: &[SliceKey]) {
         self.pin_records -= keys.len();
-        for key in keys {
-            let Some(e) = self.entries.get_mut(key) else {
-                debug_assert!(false, "pinned {key:?} has no entry");
-                continue;
-            };
-            e.pins -= 1;
-            if e.pins == 0 {
-                self.pinned_entries -= 1;
-                self.pinned_main -= usize::from(e.state == State::Main);
-            }
-        }
+        let (mut seen, mut unpinned, mut unpinned_main) = (0, 0, 0);
+        self.entries.get_many_mut(
+            keys,
+            |k| k,
+            |_, _, e| {
+                seen += 1;
+                e.pins -= 1;
+                if e.pins == 0 {
+                    unpinned += 1;
+                    unpinned_main += usize::from(e.state == State::Main);
+                }
+            },
+        );
+        debug_assert_eq!(seen, keys.len(), "a pinned key has no entry");
+        self.pinned_entries -= unpinned;
+        self.pinned_main -= unpinned_main;
     }
 
     /// Evicts one unpinned sealed slice by S3-FIFO; false when every sealed slice is pinned.
@@ -514,7 +579,7 @@ impl ShardIndex {
         }
         assert_eq!(self.expiry.len(), self.leases.len());
         assert_eq!(pins.values().map(|&n| n as usize).sum::<usize>(), self.pin_records);
-        for (k, e) in &self.entries {
+        for (k, e) in self.entries.iter() {
             assert_eq!(e.pins, pins.get(k).copied().unwrap_or(0), "pin count of {k:?}");
             assert!(e.freq <= FREQ_MAX);
             assert!(e.pins == 0 || e.state != State::Writing, "a writing slice is pinned");
@@ -692,6 +757,53 @@ mod tests {
         assert_eq!(ix.unpin_lease(10), 0);
         assert_eq!((ix.leases(), ix.pinned()), (0, 0));
         assert_eq!(ix.pin(k(3), 10, 100), None, "a miss pins nothing");
+        ix.check();
+    }
+
+    /// `pin_many` does what `pin` does key by key: same slots, same counts, same lease lists,
+    /// writing slices and misses skipped, and the lease bound respected.
+    #[test]
+    fn pin_many_matches_pin_one_by_one() {
+        let mut rng = SplitMix64::new(11);
+        let (mut one, mut many) = (ShardIndex::new(4 * CHUNK_BYTES, 200), ShardIndex::new(4 * CHUNK_BYTES, 200));
+        for h in 0..60 {
+            for ix in [&mut one, &mut many] {
+                assert!(matches!(ix.reserve(k(h), SZ), Ok(Reserved::Slot(_))));
+                if h % 7 != 3 {
+                    assert!(ix.seal(k(h)), "every 7th stays writing");
+                }
+            }
+        }
+        for lease in 1..40u64 {
+            // Keys repeat (a multiset) and include misses (h >= 60) and writing slices.
+            let keys: Vec<(u32, SliceKey)> = (0..rng.below(80)).map(|i| (i as u32, k(rng.below(70)))).collect();
+            let expect: Vec<(usize, Slot)> = keys
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (_, key))| one.pin(*key, lease, lease * 10).map(|s| (i, s)))
+                .collect();
+            let mut got = Vec::new();
+            let n = many.pin_many(lease, lease * 10, &keys, |(_, key)| key, |i, slot| got.push((i, slot)));
+            assert_eq!((n, &got), (expect.len(), &expect), "lease {lease}");
+            assert_eq!(many.pin_many(lease, 0, &[] as &[(u32, SliceKey)], |(_, key)| key, |_, _| panic!()), 0);
+            if lease % 3 == 0 {
+                assert_eq!(one.truncate_pins(lease, 2), many.truncate_pins(lease, 2));
+            }
+            one.check();
+            many.check();
+            assert_eq!(
+                (one.leases(), one.pinned(), one.next_expiry_ms()),
+                (many.leases(), many.pinned(), many.next_expiry_ms())
+            );
+        }
+        // A full lease table refuses a new lease, not more pins for a known one.
+        let mut ix = ShardIndex::new(CHUNK_BYTES, 100);
+        put(&mut ix, k(1));
+        for lease in 0..MAX_LEASES_PER_SHARD as u64 {
+            assert!(ix.pin(k(1), lease, 100).is_some());
+        }
+        assert_eq!(ix.pin_many(u64::MAX, 100, &[k(1)], |key| key, |_, _| panic!("refused")), 0);
+        assert_eq!(ix.pin_many(5, 100, &[k(1), k(2)], |key| key, |i, _| assert_eq!(i, 0)), 1);
         ix.check();
     }
 

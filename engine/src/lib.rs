@@ -14,6 +14,8 @@
 //! - [`lease`]: the lease records a `lookup` creates and `load` consumes, kept at their home shard.
 //! - [`limits`]: every bound of the engine's tables, in one place.
 //! - [`rng`]: the crate's one source of deterministic pseudo-randomness.
+//! - [`table`]: the index's hash table, built for batches of lookups (its prefetch hint is the
+//!   crate's only `unsafe`).
 #![deny(unsafe_code)]
 
 /// Fuzz bodies shared by the cargo-fuzz targets in `fuzz/` and their stable smoke tests.
@@ -26,3 +28,4 @@ pub mod namespace;
 pub mod protocol;
 pub mod rng;
 pub mod slab;
+pub mod table;

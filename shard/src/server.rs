@@ -83,9 +83,12 @@ impl Server {
             conn_senders.push(conn_tx);
             let cpu = shared.topology.shards[id].cpu;
             let start = ShardStart { id, shared: shared.clone(), ends, control, connections, ready: ready_tx.clone() };
-            let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu as usize))
-                .name(&format!("kvloft-s{id}"))
-                .spawn(move || shard::run(start));
+            let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu as usize)).name(&format!("kvloft-s{id}"));
+            // Polling before sleeping: see `ServerSpec::spin_us`.
+            if shared.topology.server.spin_us > 0 {
+                builder = builder.spin_before_park(Duration::from_micros(shared.topology.server.spin_us));
+            }
+            let spawned = builder.spawn(move || shard::run(start));
             match spawned {
                 Ok(handle) => executors.push((id, handle)),
                 Err(e) => {

@@ -124,9 +124,7 @@ impl ShardCtx {
         match op {
             OwnerOp::Probe { lease, expires_ms, keys, reply } => {
                 let mut out = Probed { found: Vec::with_capacity(keys.len()) };
-                self.probe(lease, expires_ms, keys.iter().map(|&(pos, key)| (pos, key)), |pos, rank| {
-                    out.found.push((pos, rank))
-                });
+                self.probe(lease, expires_ms, &keys, |pos, rank| out.found.push((pos, rank)));
                 let _ = reply.try_send(out);
             }
             OwnerOp::Unpin { lease, keep } => {
@@ -151,27 +149,18 @@ impl ShardCtx {
         }
     }
 
-    /// Pins the sealed slices among `keys` under `lease`, in order, and calls `found` with the
-    /// position and rank of each; counts hits and misses.
-    fn probe(
-        &self,
-        lease: u64,
-        expires_ms: u64,
-        keys: impl Iterator<Item = (u32, SliceKey)>,
-        mut found: impl FnMut(u32, u16),
-    ) {
-        let mut index = self.index.borrow_mut();
-        let (mut hits, mut misses) = (0, 0);
-        for (pos, key) in keys {
-            if index.pin(key, lease, expires_ms).is_some() {
-                found(pos, key.rank);
-                hits += 1;
-            } else {
-                misses += 1;
-            }
-        }
+    /// Pins the sealed slices among `keys` (request position, key) under `lease`, in order, and
+    /// calls `found` with the position and rank of each; counts hits and misses.
+    fn probe(&self, lease: u64, expires_ms: u64, keys: &[(u32, SliceKey)], mut found: impl FnMut(u32, u16)) {
+        let hits = self.index.borrow_mut().pin_many(
+            lease,
+            expires_ms,
+            keys,
+            |(_, key)| key,
+            |i, _| found(keys[i].0, keys[i].1.rank),
+        ) as u64;
         self.counters.hits.set(self.counters.hits.get() + hits);
-        self.counters.misses.set(self.counters.misses.get() + misses);
+        self.counters.misses.set(self.counters.misses.get() + (keys.len() as u64 - hits));
     }
 
     fn save_slices(&self, mem: &HostMemory, slice_bytes: u64, items: Vec<(SliceKey, u32)>) -> Saved {
@@ -508,11 +497,12 @@ pub(crate) async fn lookup(
         pending.push((shard, rx));
     }
     let mut found = vec![0u32; n];
-    let local = (0..n).filter(|&pos| owner(pos) == ctx.id);
-    let keys = local.flat_map(|pos| (0..ranks).map(move |rank| (pos as u32, rank)));
-    ctx.probe(lease, expires_ms, keys.map(|(pos, rank)| (pos, slice(hashes[pos as usize], rank))), |pos, _| {
-        found[pos as usize] += 1
-    });
+    let hashes_ref = &hashes;
+    let local: Vec<(u32, SliceKey)> = (0..n)
+        .filter(|&pos| owner(pos) == ctx.id)
+        .flat_map(|pos| (0..ranks).map(move |rank| (pos as u32, slice(hashes_ref[pos], rank))))
+        .collect();
+    ctx.probe(lease, expires_ms, &local, |pos, _| found[pos as usize] += 1);
     for (shard, rx) in pending {
         let probed = rx
             .recv_async()

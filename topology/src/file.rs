@@ -73,6 +73,8 @@ pub struct ServerSection {
     pub socket: Option<Spanned<PathBuf>>,
     /// `host:port` for `/metrics`, or `"off"`.
     pub metrics_addr: Option<Spanned<String>>,
+    /// Microseconds a shard polls for work before it sleeps.
+    pub spin_us: Option<Spanned<u64>>,
 }
 
 /// `[memory]`.
@@ -192,6 +194,7 @@ reserved-cores = [0, 1]
 [server]
 socket = "/run/kvloft.sock"
 metrics-addr = "off"
+spin-us = 20
 [memory]
 pool-size = "8GiB"
 hugepages = true

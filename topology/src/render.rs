@@ -75,6 +75,8 @@ pub fn render(machine: &Machine, topology: &Topology, placement: Option<&Placeme
     let _ = writeln!(w, "# Prometheus endpoint (GET /metrics) as host:port, or \"off\".");
     let metrics = topology.server.metrics_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
     let _ = writeln!(w, "metrics-addr = {}", quote(&metrics));
+    let _ = writeln!(w, "# Microseconds a shard polls for work before it sleeps; 0 sleeps at once.");
+    let _ = writeln!(w, "spin-us = {}", topology.server.spin_us);
 
     let _ = writeln!(w);
     let _ = writeln!(w, "[memory]");

@@ -6,7 +6,7 @@ use crate::file::{self, TopologyFile};
 use crate::machine::{compact_list, CpuId, Machine, NodeId};
 use crate::model::{
     default_socket, CopyCurvePoint, CopyDirection, CopyMethod, CopySpec, MemorySpec, PoolSize, ServerSpec, ShardSpec,
-    Topology, DEFAULT_METRICS_ADDR, DEFAULT_SM_BUDGET,
+    Topology, DEFAULT_METRICS_ADDR, DEFAULT_SM_BUDGET, DEFAULT_SPIN_US, MAX_SPIN_US,
 };
 use crate::placement;
 use bytesize::ByteSize;
@@ -273,7 +273,23 @@ impl Validator<'_> {
                 }
             },
         };
-        ServerSpec { socket, metrics_addr }
+        let spin_us = match section.and_then(|s| s.spin_us.as_ref()) {
+            None => DEFAULT_SPIN_US,
+            Some(us) if *us.get_ref() > MAX_SPIN_US => {
+                self.error(
+                    us.span(),
+                    "server.spin-us",
+                    format!(
+                        "{} microseconds of polling before sleeping is more than the {MAX_SPIN_US} allowed",
+                        us.get_ref()
+                    ),
+                    "write 0 (sleep at once) up to 100000; the default is 100",
+                );
+                DEFAULT_SPIN_US
+            }
+            Some(us) => *us.get_ref(),
+        };
+        ServerSpec { socket, metrics_addr, spin_us }
     }
 
     fn shards(&mut self, file: &TopologyFile, reserved: &[CpuId]) -> Vec<ShardSpec> {
@@ -668,6 +684,16 @@ mod tests {
         let c = run("[server]\nmetrics-addr = \"off\"\nsocket = \"/tmp/x.sock\"\n", &synthetic::small_vm()).unwrap();
         assert_eq!(c.topology.server.metrics_addr, None);
         assert_eq!(c.topology.server.socket, Path::new("/tmp/x.sock"));
+    }
+
+    #[test]
+    fn spin_defaults_and_is_bounded() {
+        let c = run("[memory]\npool-size = \"1GiB\"\n", &synthetic::small_vm()).unwrap();
+        assert_eq!(c.topology.server.spin_us, DEFAULT_SPIN_US);
+        let c = run("[server]\nspin-us = 0\n", &synthetic::small_vm()).unwrap();
+        assert_eq!(c.topology.server.spin_us, 0, "0: sleep at once");
+        let e = errors("[server]\nspin-us = 1000000\n", &synthetic::small_vm());
+        assert_eq!(e[0].key, "server.spin-us");
     }
 
     const POINT: &str = "[[calibration.copy]]\nmethod = \"process_vm\"\ndirection = \"d2h\"\nblock-bytes = 16384\n\
