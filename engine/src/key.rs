@@ -43,6 +43,10 @@ impl TryFrom<&[u8]> for BlockHash {
         if b.is_empty() || b.len() > MAX_HASH_BYTES {
             return Err(KeyError::HashLength { len: b.len() });
         }
+        // A full-length hash (vLLM's SHA-256) is one fixed-size copy; shorter ones are padded.
+        if let Ok(bytes) = <[u8; MAX_HASH_BYTES]>::try_from(b) {
+            return Ok(Self { bytes, len: MAX_HASH_BYTES as u8 });
+        }
         let mut bytes = [0u8; MAX_HASH_BYTES];
         bytes[..b.len()].copy_from_slice(b);
         Ok(Self { bytes, len: b.len() as u8 })

@@ -25,9 +25,11 @@ use kvloft_engine::protocol::{
 };
 use kvloft_gpu::host::HostMemory;
 use std::cell::RefCell;
+use std::io::ErrorKind;
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK_BYTES: usize = 64 << 10;
@@ -35,20 +37,23 @@ const READ_CHUNK_BYTES: usize = 64 << 10;
 const SHARD_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Frames queued for the writer before the reader (and background work) wait.
 const OUTBOX_FRAMES: usize = 256;
+/// The pause between two direct reads of a connection that is polling its socket.
+const SPIN_READ_PAUSE: Duration = Duration::from_micros(1);
 /// Leases a connection remembers for release on disconnect; older ones still expire by TTL.
 const MAX_LEASES_PER_CONNECTION: usize = 4096;
 /// Longest instance id accepted.
 const MAX_INSTANCE_BYTES: usize = 256;
 
-/// Serves `stream` on the current shard until the client hangs up.
-pub(crate) fn spawn(ctx: Rc<ShardCtx>, stream: UnixStream, peer: Peer) {
+/// Serves `stream` on the current shard until the client hangs up. `fd` is the stream's
+/// descriptor, which the connection reads directly while it polls (see `spin_read`).
+pub(crate) fn spawn(ctx: Rc<ShardCtx>, stream: UnixStream, peer: Peer, fd: RawFd) {
     glommio::spawn_local(async move {
         ctx.metrics.connections.inc();
         let (reader, writer) = futures_lite::io::split(stream);
         let (out, outbox) = local_channel::new_bounded(OUTBOX_FRAMES);
         let writer = glommio::spawn_local(write_loop(writer, outbox));
         let conn = Rc::new(Connection { ctx: ctx.clone(), peer, state: RefCell::new(State::default()), out });
-        let _ = conn.clone().read_loop(reader).await;
+        let _ = conn.clone().read_loop(reader, fd).await;
         conn.close().await;
         drop(conn);
         writer.await;
@@ -105,7 +110,7 @@ impl From<StoreError> for Failure {
 }
 
 impl Connection {
-    async fn read_loop(self: Rc<Self>, mut reader: ReadHalf<UnixStream>) -> std::io::Result<()> {
+    async fn read_loop(self: Rc<Self>, mut reader: ReadHalf<UnixStream>, fd: RawFd) -> std::io::Result<()> {
         // Reads land in `buf[end..]` and frames are decoded in place from `buf[start..end]`: no
         // copy of a request between the socket and its decoder. The unread tail moves to the
         // front before a read that would not fit, and `buf` grows only for a frame larger than
@@ -146,11 +151,44 @@ impl Connection {
             if buf.len() - end < READ_CHUNK_BYTES {
                 buf.resize(end + READ_CHUNK_BYTES, 0);
             }
-            let n = reader.read(&mut buf[end..]).await?;
+            let n = match self.spin_read(fd, &mut buf[end..]).await {
+                Some(n) => n?,
+                None => reader.read(&mut buf[end..]).await?,
+            };
             if n == 0 {
                 return Ok(());
             }
             end += n;
+        }
+    }
+
+    /// Reads what the client sent without waiting for the reactor: tries the socket directly,
+    /// and while nothing is there keeps trying for up to `[server] spin-us`, letting the executor
+    /// poll its other I/O, mesh and timers between tries. `None` when nothing came in that time
+    /// (the caller then waits through the reactor).
+    ///
+    /// A request usually follows its connection's previous reply within microseconds; noticing it
+    /// through the reactor's readiness poll costs a completion round through the kernel (about
+    /// 8 us per request on the H100 box), which this avoids while the connection is busy.
+    async fn spin_read(&self, fd: RawFd, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
+        let spin = Duration::from_micros(self.ctx.shared.topology.server.spin_us);
+        let start = Instant::now();
+        loop {
+            // SAFETY: `buf` is a live, writable buffer of `buf.len()` bytes for the whole call,
+            // and `fd` is this connection's socket, open until the connection task ends.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if n >= 0 {
+                return Some(Ok(n as usize));
+            }
+            let e = std::io::Error::last_os_error();
+            if !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) {
+                return Some(Err(e));
+            }
+            if start.elapsed() >= spin {
+                return None;
+            }
+            // A timer rather than a bare yield: the executor polls its I/O before it fires.
+            glommio::timer::sleep(SPIN_READ_PAUSE).await;
         }
     }
 
@@ -343,7 +381,11 @@ impl Connection {
                 if chunks.len() > MAX_BATCH_BLOCKS {
                     return Err(too_many(chunks.len()));
                 }
-                chunks.enumerate().map(|(i, h)| block_hash(i, h)).collect::<Result<Vec<_>, _>>()?
+                let mut hashes = Vec::with_capacity(chunks.len());
+                for (i, h) in chunks.enumerate() {
+                    hashes.push(block_hash(i, h)?);
+                }
+                hashes
             }
         };
         let (hits, lease) =

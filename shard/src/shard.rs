@@ -189,10 +189,11 @@ pub(crate) async fn run(start: ShardStart) {
     let accepted = ctx.clone();
     glommio::spawn_local(async move {
         while let Ok(c) = connections.recv_async().await {
+            let fd = c.fd.into_raw_fd();
             // SAFETY: the descriptor comes from an OwnedFd of a connected, non-blocking Unix socket
             // that nothing else owns; the glommio stream takes over closing it.
-            let stream = unsafe { UnixStream::from_raw_fd(c.fd.into_raw_fd()) };
-            conn::spawn(accepted.clone(), stream, c.peer);
+            let stream = unsafe { UnixStream::from_raw_fd(fd) };
+            conn::spawn(accepted.clone(), stream, c.peer, fd);
         }
     })
     .detach();

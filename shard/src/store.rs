@@ -497,11 +497,10 @@ pub(crate) async fn lookup(
         pending.push((shard, rx));
     }
     let mut found = vec![0u32; n];
-    let hashes_ref = &hashes;
-    let local: Vec<(u32, SliceKey)> = (0..n)
-        .filter(|&pos| owner(pos) == ctx.id)
-        .flat_map(|pos| (0..ranks).map(move |rank| (pos as u32, slice(hashes_ref[pos], rank))))
-        .collect();
+    let mut local: Vec<(u32, SliceKey)> = Vec::with_capacity(if single { n * ranks as usize } else { 0 });
+    for (pos, &hash) in hashes.iter().enumerate().filter(|&(pos, _)| owner(pos) == ctx.id) {
+        local.extend((0..ranks).map(|rank| (pos as u32, slice(hash, rank))));
+    }
     ctx.probe(lease, expires_ms, &local, |pos, _| found[pos as usize] += 1);
     for (shard, rx) in pending {
         let probed = rx
