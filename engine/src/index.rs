@@ -274,29 +274,29 @@ impl ShardIndex {
         Some(e.slot)
     }
 
-    /// Pins, in order, the sealed slice of every item of `items` (its key is `key_of(item)`) for
-    /// `lease`, as [`ShardIndex::pin`] does one by one, and calls `found(i, slot)` for each
-    /// `items[i]` pinned; returns how many. One call looks the lease up once and overlaps the
-    /// index's cache misses (see [`SliceTable::get_many_mut`]), which is what makes a 1,024-hash
-    /// lookup cheap. Stops pinning at the pin or lease bound; the keys left over count as misses.
-    pub fn pin_many<T>(
+    /// Pins, in order, the sealed slice `key_at(i)` for every `i` in `0..count` for `lease`, as
+    /// [`ShardIndex::pin`] does one by one, and calls `found(i, slot)` for each one pinned;
+    /// returns how many. One call looks the lease up once and overlaps the index's cache misses
+    /// (see [`SliceTable::get_many_mut`]), which is what makes a 1,024-hash lookup cheap. Stops
+    /// pinning at the pin or lease bound; the keys left over count as misses.
+    pub fn pin_many(
         &mut self,
         lease: u64,
         expires_ms: u64,
-        items: &[T],
-        key_of: impl Fn(&T) -> &SliceKey,
+        count: usize,
+        key_at: impl Fn(usize) -> SliceKey,
         mut found: impl FnMut(usize, Slot),
     ) -> usize {
         let room = MAX_PINS_PER_SHARD.saturating_sub(self.pin_records);
-        if items.is_empty() || room == 0 {
+        if count == 0 || room == 0 {
             return 0;
         }
         if !self.leases.contains_key(&lease) && self.leases.len() >= MAX_LEASES_PER_SHARD {
             return 0;
         }
-        let mut pinned = Vec::with_capacity(items.len().min(room));
+        let mut pinned = Vec::with_capacity(count.min(room));
         let (mut newly_pinned, mut newly_pinned_main) = (0, 0);
-        self.entries.get_many_mut(items, key_of, |i, key, e| {
+        self.entries.get_many_mut(count, key_at, |i, key, e| {
             if e.state == State::Writing || pinned.len() >= room {
                 return;
             }
@@ -472,8 +472,8 @@ impl ShardIndex {
         self.pin_records -= keys.len();
         let (mut seen, mut unpinned, mut unpinned_main) = (0, 0, 0);
         self.entries.get_many_mut(
-            keys,
-            |k| k,
+            keys.len(),
+            |i| keys[i],
             |_, _, e| {
                 seen += 1;
                 e.pins -= 1;
@@ -783,9 +783,9 @@ mod tests {
                 .filter_map(|(i, (_, key))| one.pin(*key, lease, lease * 10).map(|s| (i, s)))
                 .collect();
             let mut got = Vec::new();
-            let n = many.pin_many(lease, lease * 10, &keys, |(_, key)| key, |i, slot| got.push((i, slot)));
+            let n = many.pin_many(lease, lease * 10, keys.len(), |i| keys[i].1, |i, slot| got.push((i, slot)));
             assert_eq!((n, &got), (expect.len(), &expect), "lease {lease}");
-            assert_eq!(many.pin_many(lease, 0, &[] as &[(u32, SliceKey)], |(_, key)| key, |_, _| panic!()), 0);
+            assert_eq!(many.pin_many(lease, 0, 0, |_| unreachable!(), |_, _| panic!()), 0);
             if lease % 3 == 0 {
                 assert_eq!(one.truncate_pins(lease, 2), many.truncate_pins(lease, 2));
             }
@@ -802,8 +802,8 @@ mod tests {
         for lease in 0..MAX_LEASES_PER_SHARD as u64 {
             assert!(ix.pin(k(1), lease, 100).is_some());
         }
-        assert_eq!(ix.pin_many(u64::MAX, 100, &[k(1)], |key| key, |_, _| panic!("refused")), 0);
-        assert_eq!(ix.pin_many(5, 100, &[k(1), k(2)], |key| key, |i, _| assert_eq!(i, 0)), 1);
+        assert_eq!(ix.pin_many(u64::MAX, 100, 1, |_| k(1), |_, _| panic!("refused")), 0);
+        assert_eq!(ix.pin_many(5, 100, 2, |i| k(i as u64 + 1), |i, _| assert_eq!(i, 0)), 1);
         ix.check();
     }
 

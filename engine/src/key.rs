@@ -53,6 +53,13 @@ impl TryFrom<&[u8]> for BlockHash {
     }
 }
 
+/// A full-length hash (vLLM's SHA-256): no check needed.
+impl From<[u8; MAX_HASH_BYTES]> for BlockHash {
+    fn from(bytes: [u8; MAX_HASH_BYTES]) -> Self {
+        Self { bytes, len: MAX_HASH_BYTES as u8 }
+    }
+}
+
 impl BlockHash {
     /// The stored bytes as four little-endian words (bytes past `len` are zero).
     fn words(&self) -> [u64; 4] {

@@ -128,30 +128,32 @@ impl<V> SliceTable<V> {
         self.find(self.hash(key), key).is_some()
     }
 
-    /// Calls `each(i, key, value)` for every `items[i]` whose key (`key_of(&items[i])`) is stored,
+    /// Calls `each(i, &key, value)` for every `i` in `0..count` whose key `key_at(i)` is stored,
     /// in order, with the home slots of the keys [`PREFETCH_DISTANCE`] ahead already requested
     /// from memory, so the lookups' cache misses overlap instead of following one another.
-    pub fn get_many_mut<T>(
+    pub fn get_many_mut(
         &mut self,
-        items: &[T],
-        key_of: impl Fn(&T) -> &SliceKey,
+        count: usize,
+        key_at: impl Fn(usize) -> SliceKey,
         mut each: impl FnMut(usize, &SliceKey, &mut V),
     ) {
+        // Hashes of the keys ahead, by `i % PREFETCH_DISTANCE`; a key is built again when its turn
+        // comes (a copy, cheaper than keeping it).
         let mut ahead = [0u64; PREFETCH_DISTANCE];
-        for (i, item) in items.iter().take(PREFETCH_DISTANCE).enumerate() {
-            ahead[i] = self.hash(key_of(item));
-            self.prefetch(ahead[i]);
+        for (i, hash) in ahead.iter_mut().enumerate().take(count) {
+            *hash = self.hash(&key_at(i));
+            self.prefetch(*hash);
         }
-        for (i, item) in items.iter().enumerate() {
+        for i in 0..count {
             let hash = ahead[i % PREFETCH_DISTANCE];
-            if let Some(next) = items.get(i + PREFETCH_DISTANCE) {
-                let h = self.hash(key_of(next));
+            if i + PREFETCH_DISTANCE < count {
+                let h = self.hash(&key_at(i + PREFETCH_DISTANCE));
                 ahead[i % PREFETCH_DISTANCE] = h;
                 self.prefetch(h);
             }
-            let key = key_of(item);
-            if let Some(v) = self.get_mut_hashed(hash, key) {
-                each(i, key, v);
+            let key = key_at(i);
+            if let Some(v) = self.get_mut_hashed(hash, &key) {
+                each(i, &key, v);
             }
         }
     }
@@ -312,8 +314,8 @@ mod tests {
         let keys: Vec<_> = (0..1000).map(|h| slice(1, h, 0)).collect();
         let mut seen = Vec::new();
         t.get_many_mut(
-            &keys,
-            |k| k,
+            keys.len(),
+            |i| keys[i],
             |i, key, v| {
                 assert_eq!(*key, keys[i]);
                 *v += 1;
@@ -322,6 +324,6 @@ mod tests {
         );
         assert_eq!(seen, (0..1000).step_by(2).collect::<Vec<_>>());
         assert_eq!(t[&slice(1, 10, 0)], 11, "values changed in place");
-        t.get_many_mut(&[] as &[SliceKey], |k| k, |_, _, _| panic!("no keys, no calls"));
+        t.get_many_mut(0, |_| unreachable!(), |_, _, _| panic!("no keys, no calls"));
     }
 }

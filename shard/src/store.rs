@@ -124,7 +124,13 @@ impl ShardCtx {
         match op {
             OwnerOp::Probe { lease, expires_ms, keys, reply } => {
                 let mut out = Probed { found: Vec::with_capacity(keys.len()) };
-                self.probe(lease, expires_ms, &keys, |pos, rank| out.found.push((pos, rank)));
+                self.probe(
+                    lease,
+                    expires_ms,
+                    keys.len(),
+                    |i| keys[i].1,
+                    |i| out.found.push((keys[i].0, keys[i].1.rank)),
+                );
                 let _ = reply.try_send(out);
             }
             OwnerOp::Unpin { lease, keep } => {
@@ -149,18 +155,19 @@ impl ShardCtx {
         }
     }
 
-    /// Pins the sealed slices among `keys` (request position, key) under `lease`, in order, and
-    /// calls `found` with the position and rank of each; counts hits and misses.
-    fn probe(&self, lease: u64, expires_ms: u64, keys: &[(u32, SliceKey)], mut found: impl FnMut(u32, u16)) {
-        let hits = self.index.borrow_mut().pin_many(
-            lease,
-            expires_ms,
-            keys,
-            |(_, key)| key,
-            |i, _| found(keys[i].0, keys[i].1.rank),
-        ) as u64;
+    /// Pins the sealed slices `key_at(0..count)` under `lease`, in order, calls `found(i)` for
+    /// each one pinned, and counts hits and misses.
+    fn probe(
+        &self,
+        lease: u64,
+        expires_ms: u64,
+        count: usize,
+        key_at: impl Fn(usize) -> SliceKey,
+        mut found: impl FnMut(usize),
+    ) {
+        let hits = self.index.borrow_mut().pin_many(lease, expires_ms, count, key_at, |i, _| found(i)) as u64;
         self.counters.hits.set(self.counters.hits.get() + hits);
-        self.counters.misses.set(self.counters.misses.get() + (keys.len() as u64 - hits));
+        self.counters.misses.set(self.counters.misses.get() + (count as u64 - hits));
     }
 
     fn save_slices(&self, mem: &HostMemory, slice_bytes: u64, items: Vec<(SliceKey, u32)>) -> Saved {
@@ -496,12 +503,22 @@ pub(crate) async fn lookup(
         ctx.tell(shard, MeshMsg::Owner(OwnerOp::Probe { lease, expires_ms, keys, reply })).await;
         pending.push((shard, rx));
     }
+    // This shard's own share, pinned in place: every position when it is the only shard, else
+    // the positions it owns; `ranks` slices per position.
     let mut found = vec![0u32; n];
-    let mut local: Vec<(u32, SliceKey)> = Vec::with_capacity(if single { n * ranks as usize } else { 0 });
-    for (pos, &hash) in hashes.iter().enumerate().filter(|&(pos, _)| owner(pos) == ctx.id) {
-        local.extend((0..ranks).map(|rank| (pos as u32, slice(hash, rank))));
+    let per = ranks.max(1) as usize;
+    if single {
+        ctx.probe(lease, expires_ms, n * per, |i| slice(hashes[i / per], (i % per) as u32), |i| found[i / per] += 1);
+    } else {
+        let mine: Vec<u32> = (0..n as u32).filter(|&pos| owners[pos as usize] == ctx.id).collect();
+        ctx.probe(
+            lease,
+            expires_ms,
+            mine.len() * per,
+            |i| slice(hashes[mine[i / per] as usize], (i % per) as u32),
+            |i| found[mine[i / per] as usize] += 1,
+        );
     }
-    ctx.probe(lease, expires_ms, &local, |pos, _| found[pos as usize] += 1);
     for (shard, rx) in pending {
         let probed = rx
             .recv_async()
