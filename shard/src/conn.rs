@@ -169,9 +169,15 @@ impl Connection {
     ///
     /// A request usually follows its connection's previous reply within microseconds; noticing it
     /// through the reactor's readiness poll costs a completion round through the kernel (about
-    /// 8 us per request on the H100 box), which this avoids while the connection is busy.
+    /// 8 us per request on the H100 box), which this avoids while the connection is busy. Only a
+    /// single-shard server keeps trying: with several shards a lookup's round trip is mostly mesh
+    /// hops, and the connection's polling raised the 8-shard p99 in our runs (decision 38).
     async fn spin_read(&self, fd: RawFd, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
-        let spin = Duration::from_micros(self.ctx.shared.topology.server.spin_us);
+        let spin = if self.ctx.shard_count() == 1 {
+            Duration::from_micros(self.ctx.shared.topology.server.spin_us)
+        } else {
+            Duration::ZERO
+        };
         let start = Instant::now();
         loop {
             // SAFETY: `buf` is a live, writable buffer of `buf.len()` bytes for the whole call,

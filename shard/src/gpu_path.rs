@@ -31,8 +31,6 @@ use std::time::Duration;
 /// many ranges; the copier queues up to `kvloft_gpu::cuda::copier::SLOTS` of them, so the next
 /// batch is planned while the GPU moves the previous ones.
 const COPIER_RANGES: usize = 1 << 14;
-/// The first batch of a request holds this fraction of a full one (see `copy`).
-const FIRST_BATCH_FRACTION: usize = 16;
 /// How often a copy in flight is polled.
 const POLL: Duration = Duration::from_micros(20);
 
@@ -189,14 +187,7 @@ async fn copy(
         .sum::<usize>()
         .max(1);
     let chunk_blocks = (COPIER_RANGES / per_block).max(1);
-    // The first batches are small and each one doubles, so the GPU starts moving bytes after
-    // planning a few blocks instead of a full batch, then runs with full batches queued.
-    let mut blocks = (chunk_blocks / FIRST_BATCH_FRACTION).max(1);
-    let mut rest = items;
-    while !rest.is_empty() {
-        let (chunk, tail) = rest.split_at(blocks.min(rest.len()));
-        rest = tail;
-        blocks = (blocks * 2).min(chunk_blocks);
+    for chunk in items.chunks(chunk_blocks) {
         let plan = planner.plan(&mem.ranges(chunk, d2h));
         if plan.ranges.len() > COPIER_RANGES {
             // Splitting made more ranges than a batch holds (blocks of long segments): move this
