@@ -67,6 +67,14 @@ pub struct GpuArgs {
     /// Pool of the server `--server` starts.
     #[arg(long, default_value_t = 8u64 << 30)]
     pub server_pool_bytes: u64,
+    /// `[server] spin-us` of the server `--server` starts (how long its shards poll before
+    /// they sleep); the server's default when not given.
+    #[arg(long)]
+    pub server_spin_us: Option<u64>,
+    /// Shards of the server `--server` starts: the discovered default's last N (the highest
+    /// CPUs), leaving the others to this process and the GPU driver; all of them when not given.
+    #[arg(long)]
+    pub server_shards: Option<usize>,
 }
 
 /// Why the suite failed.
@@ -310,7 +318,7 @@ pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
     // The full server path: a `kvloft serve` child (CUDA IPC needs another process).
     let server = if args.server {
         let exe = std::env::current_exe().map_err(|e| GpuBenchError::Args(format!("cannot find this binary: {e}")))?;
-        let config = server_config(args.sm_budget)?;
+        let config = server_config(args)?;
         let s = crate::server::OwnServer::start(&exe, Some(config.path()), args.server_pool_bytes, false)?;
         eprintln!("server path: kvloft serve at {} (sm budget {})", s.socket().display(), args.sm_budget);
         Some((s, config))
@@ -445,11 +453,24 @@ pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
 
 /// A topology file for the server of `--server`: the machine's default shards with this SM
 /// budget.
-fn server_config(sm_budget: u32) -> Result<tempfile::NamedTempFile, GpuBenchError> {
+fn server_config(args: &GpuArgs) -> Result<tempfile::NamedTempFile, GpuBenchError> {
     let machine = kvloft_topology::discover().map_err(|e| GpuBenchError::Args(format!("discovery: {e}")))?;
     let mut topology =
         kvloft_topology::validate::embedded_default(&machine).map_err(|d| GpuBenchError::Args(d.to_string()))?.topology;
-    topology.copy.sm_budget = sm_budget;
+    topology.copy.sm_budget = args.sm_budget;
+    if let Some(us) = args.server_spin_us {
+        topology.server.spin_us = us;
+    }
+    if let Some(n) = args.server_shards {
+        if n == 0 || n > topology.shards.len() {
+            return Err(GpuBenchError::Args(format!(
+                "--server-shards {n}: this machine's default has {} shards; give 1 to {}",
+                topology.shards.len(),
+                topology.shards.len()
+            )));
+        }
+        topology.shards.drain(..topology.shards.len() - n);
+    }
     let text = kvloft_topology::render::render(&machine, &topology, None);
     let mut file = tempfile::Builder::new()
         .prefix("kvloft-bench-gpu")

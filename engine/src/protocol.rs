@@ -498,6 +498,11 @@ pub struct Save {
     /// kernels that wrote these blocks; the copy waits for it on the GPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after_event: Option<BlockHashBytes>,
+    /// With GPU memory, instead of `after_event`: one 64-byte CUDA IPC event handle per layer,
+    /// each recorded after the kernels that wrote that layer; the copy of layer `i` waits for
+    /// event `i` on the GPU, so early layers are saved while later ones are still computed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_events: Option<Vec<BlockHashBytes>>,
 }
 
 /// `save` blocks packed: `count` hashes of `hash_bytes` bytes back to back, and `count` engine
@@ -576,6 +581,15 @@ pub struct Load {
     /// The same ids as little-endian `u32`s back to back, used instead of `block_ids`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_ids_packed: Option<BlockHashBytes>,
+    /// With GPU memory: copy layer by layer and send a `load_layers` event (one CUDA IPC event
+    /// handle per layer, recorded after that layer's copy) as soon as every layer's copy is
+    /// queued, before `load_done`; the worker's stream waits on event `i` before layer `i`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub layerwise: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// `release`.
@@ -598,6 +612,19 @@ pub enum Event {
     SaveDone(SaveDone),
     /// A `load` finished.
     LoadDone(LoadDone),
+    /// A `layerwise` load has queued every layer's copy: wait on these events.
+    LoadLayers(LoadLayers),
+}
+
+/// The events of a `layerwise` load, sent once all its copies are queued and before its
+/// `load_done`: one 64-byte CUDA IPC event handle per layer, recorded after that layer's copy.
+/// A connection's layerwise loads reuse the same events (open each handle once); a wait issued
+/// after this event arrived covers this load's layer. A load that fails before its copies are
+/// queued sends no `load_layers`, only a `load_done` with the error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadLayers {
+    /// One handle per layer, in layer order.
+    pub events: Vec<BlockHashBytes>,
 }
 
 /// A `save` finished: how many slices were written, already present, or failed.
@@ -869,13 +896,20 @@ mod tests {
                 blocks: vec![SaveBlock { hash: BlockHashBytes::from(vec![9; 32]), block_id: 4 }],
                 packed: None,
                 after_event: None,
+                layer_events: None,
             }),
-            Request::Save(Save { blocks: vec![], packed: PackedSave::pack([(&[9u8; 32][..], 4)]), after_event: None }),
-            Request::Load(Load { lease: 7, block_ids: vec![1, 2], block_ids_packed: None }),
+            Request::Save(Save {
+                blocks: vec![],
+                packed: PackedSave::pack([(&[9u8; 32][..], 4)]),
+                after_event: None,
+                layer_events: Some(vec![BlockHashBytes::from(vec![1; 64]), BlockHashBytes::from(vec![2; 64])]),
+            }),
+            Request::Load(Load { lease: 7, block_ids: vec![1, 2], block_ids_packed: None, layerwise: false }),
             Request::Load(Load {
                 lease: 7,
                 block_ids: vec![],
                 block_ids_packed: Some(BlockHashBytes::from(vec![1, 0, 0, 0])),
+                layerwise: true,
             }),
             Request::Release(Release { lease: 7 }),
             Request::Stats(StatsRequest {}),
@@ -888,6 +922,22 @@ mod tests {
         assert!(matches!(Request::decode(b"\x81\xa2op\xa3fly"), Err(BodyError::UnknownOp(op)) if op == "fly"));
         assert!(matches!(Request::decode(b"\x81\xa2op\xa4load"), Err(BodyError::Malformed { op: "load", .. })));
         assert!(matches!(Request::decode(b"\xc1"), Err(BodyError::NoOp(_))));
+    }
+
+    /// `load_layers` is tagged like the other events and carries its handles as bytes.
+    #[test]
+    fn load_layers_event_round_trips() {
+        let e = Event::LoadLayers(LoadLayers { events: vec![BlockHashBytes::from(vec![7; 64]); 3] });
+        let body = to_body(&e);
+        assert_eq!(from_body::<Event>(&body).unwrap(), e);
+        #[derive(Deserialize)]
+        struct Wire {
+            op: String,
+            events: Vec<BlockHashBytes>,
+        }
+        let wire: Wire = from_body(&body).unwrap();
+        assert_eq!(wire.op, "load_layers");
+        assert!(wire.events.len() == 3 && wire.events.iter().all(|h| h.len() == 64));
     }
 
     #[test]

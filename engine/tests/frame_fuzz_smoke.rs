@@ -138,11 +138,13 @@ impl Gen {
                 blocks: (0..self.below(8)).map(|_| SaveBlock { hash: self.hash(), block_id: self.u32() }).collect(),
                 packed: None,
                 after_event: None,
+                layer_events: None,
             }),
             5 => Request::Load(Load {
                 lease: self.u64(),
                 block_ids: (0..self.below(8)).map(|_| self.u32()).collect(),
                 block_ids_packed: None,
+                layerwise: self.below(2) == 1,
             }),
             6 => Request::Release(Release { lease: self.u64() }),
             _ => Request::Stats(StatsRequest {}),
@@ -490,6 +492,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         blocks: hashes.iter().enumerate().map(|(i, h)| SaveBlock { hash: h.clone(), block_id: i as u32 }).collect(),
         packed: None,
         after_event: None,
+        layer_events: None,
     });
     let namespace = NamespaceSpec {
         model: "Qwen/Qwen3-0.6B".into(),
@@ -526,7 +529,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             ipc: vec![],
         }),
         lookup.clone(),
-        Request::Load(Load { lease: 9, block_ids: vec![3, 4], block_ids_packed: None }),
+        Request::Load(Load { lease: 9, block_ids: vec![3, 4], block_ids_packed: None, layerwise: false }),
         Request::Release(Release { lease: 9 }),
     ]
     .iter()

@@ -28,6 +28,7 @@ from .host import grant_access
 from .namespace import Namespace, check_u32
 from .protocol import (
     EVENT_LOAD_DONE,
+    EVENT_LOAD_LAYERS,
     MAX_REQUEST_ID,
     PROTOCOL_VERSION,
     ErrorCode,
@@ -317,6 +318,7 @@ class Client:
         wait: bool = True,
         timeout: float | None = DEFAULT_EVENT_TIMEOUT,
         after_event: bytes | None = None,
+        layer_events: Sequence[bytes] | None = None,
     ) -> Any:
         """Copy this rank's slices of engine blocks into the store.
 
@@ -329,7 +331,9 @@ class Client:
         (``no_memory``). With GPU memory, ``after_event`` is the IPC handle of a CUDA event
         (``torch.cuda.Event(interprocess=True).ipc_handle()``) recorded after the kernels that
         wrote the blocks: the server's copy waits for it on the GPU, so the worker need not
-        synchronize first.
+        synchronize first. ``layer_events`` (instead of ``after_event``) is one such handle per
+        registered layer, each recorded after the kernels that wrote that layer: layer ``i`` is
+        copied as soon as its event fires (a layer-wise save).
         """
         blocks = blocks if isinstance(blocks, list) else list(blocks)
         extra: dict[str, Any] = {}
@@ -337,6 +341,11 @@ class Client:
             if not isinstance(after_event, (bytes, bytearray)) or len(after_event) != 64:
                 raise ValueError("after_event must be a 64-byte CUDA IPC event handle")
             extra["after_event"] = bytes(after_event)
+        if layer_events is not None:
+            handles = [bytes(h) for h in layer_events]
+            if after_event is not None or not handles or any(len(h) != 64 for h in handles):
+                raise ValueError("layer_events must be one 64-byte CUDA IPC event handle per layer, without after_event")
+            extra["layer_events"] = handles
         packed = pack_save(blocks)
         if packed is not None:
             count = len(packed["block_ids"]) // 4
@@ -350,6 +359,7 @@ class Client:
         block_ids: Iterable[int],
         wait: bool = True,
         timeout: float | None = DEFAULT_EVENT_TIMEOUT,
+        layerwise: bool = False,
     ) -> Any:
         """Copy a lease's first ``len(block_ids)`` hits into these engine blocks, in order.
 
@@ -360,11 +370,53 @@ class Client:
         completion (and raises :class:`LoadFailed` the same way). A refused request raises
         :class:`ServerError` (``unknown_lease``, ``lease_not_owned``, ``block_out_of_range``,
         ``no_memory``) and leaves the destination blocks untouched.
+
+        ``layerwise`` (GPU memory, with ``wait=False``): the server copies layer by layer and,
+        as soon as every layer's copy is queued, sends one CUDA event per layer;
+        :meth:`wait_layers` returns their handles. A stream that waits on event ``i``
+        (``torch.cuda.Event.from_ipc_handle``) may read layer ``i`` while later layers are
+        still being copied. The completion comes after, as for any load.
         """
         wire_lease = lease_to_wire(lease)
         packed = pack_block_ids(block_ids)
-        body = {"op": "load", "lease": wire_lease, "block_ids_packed": packed}
+        body: dict[str, Any] = {"op": "load", "lease": wire_lease, "block_ids_packed": packed}
+        if layerwise:
+            if wait:
+                raise ValueError("a layerwise load is collected with wait_layers: pass wait=False")
+            body["layerwise"] = True
         return self._submit_and_wait("load", len(packed) // 4, body, wait, timeout)
+
+    def wait_layers(self, request_id: int, timeout: float | None = DEFAULT_EVENT_TIMEOUT) -> list[bytes]:
+        """The per-layer CUDA event handles of ``layerwise`` load ``request_id``, once the server
+        has queued every layer's copy (the connection's loads reuse the same handles: open each
+        once). Raises :class:`LoadFailed` when the load failed before its copies were queued
+        (its ``load_done`` came instead), and :class:`RequestTimeout` as :meth:`wait_event`.
+        The ``load_done`` stays queued for :meth:`wait_event`.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                for i, event in enumerate(self._events):
+                    if event.request_id != request_id:
+                        continue
+                    if event.body.get("op") == EVENT_LOAD_LAYERS:
+                        del self._events[i]
+                        return [bytes(h) for h in event.body.get("events") or []]
+                    if event.body.get("op") == EVENT_LOAD_DONE:
+                        # Failed before queueing (raises), or nothing to wait for (kept for wait_event).
+                        try:
+                            self._complete(event, self._inflight.get(request_id))
+                        except LoadFailed:
+                            del self._events[i]
+                            self._inflight.pop(request_id, None)
+                            raise
+                        return []
+                if self._sock is None:
+                    raise ConnectionLost(f"the connection to {self.socket_path} closed before load {request_id} was queued")
+                remaining = _WAIT_SLICE_S if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RequestTimeout(f"load {request_id} was not queued within {timeout} s")
+                self._read_some_locked(max(0.0, min(remaining, _WAIT_SLICE_S)))
 
     def release(self, lease: int | LookupResult) -> None:
         """Give up a lease without loading (the rest of) it.
@@ -431,7 +483,8 @@ class Client:
             taken = list(self._events)
             self._events.clear()
             for event in taken:
-                self._inflight.pop(event.request_id, None)
+                if event.body.get("op") != EVENT_LOAD_LAYERS:  # its load_done is still to come
+                    self._inflight.pop(event.request_id, None)
             return taken
 
     # -- internals (caller holds the lock) --------------------------------------------

@@ -57,6 +57,8 @@ OPS = ("hello", "register_instance", "register_memory", "lookup", "save", "load"
 #: Event bodies' ``"op"``: completion of a ``save`` and of a ``load``.
 EVENT_SAVE_DONE = "save_done"
 EVENT_LOAD_DONE = "load_done"
+#: Sent before ``load_done`` by a ``layerwise`` load once every layer's copy is queued.
+EVENT_LOAD_LAYERS = "load_layers"
 
 # Length prefix, then the header: magic, version, kind, request id.
 _PREFIX = struct.Struct("<I")

@@ -63,6 +63,13 @@ def test_packed_save_and_load_forms_are_checked(server: str) -> None:
                  "bad_request", "not both")
         _refused(c, {"op": "save", "blocks": [{"hash": h, "block_id": 1}], "after_event": bytes(64)},
                  "bad_request", "after_event needs GPU memory")
+        # Layer-wise ordering is for GPU memory; both orderings at once is refused before that.
+        _refused(c, {"op": "save", "blocks": [{"hash": h, "block_id": 1}], "layer_events": [bytes(64)]},
+                 "bad_request", "layer_events needs GPU memory")
+        _refused(c, {"op": "save", "blocks": [{"hash": h, "block_id": 1}], "after_event": bytes(64),
+                     "layer_events": [bytes(64)]}, "bad_request", "not both")
+        _refused(c, {"op": "load", "lease": 5, "block_ids": [1], "layerwise": True},
+                 "bad_request", "layerwise loads need GPU memory")
         # The packed forms work end to end (what the client sends by default).
         cache.fill_block(3, "forms")
         assert c.save([(h, 3)])["saved"] == 1

@@ -172,7 +172,7 @@ impl Client {
     /// Saves `(hash, engine block id)` pairs and waits for the completion.
     pub fn save(&mut self, blocks: &[(Vec<u8>, u32)]) -> Result<SaveDone, ClientError> {
         let request = match PackedSave::pack(blocks.iter().map(|(h, id)| (h.as_slice(), *id))) {
-            Some(packed) => Save { blocks: vec![], packed: Some(packed), after_event: None },
+            Some(packed) => Save { blocks: vec![], packed: Some(packed), after_event: None, layer_events: None },
             None => Save {
                 blocks: blocks
                     .iter()
@@ -180,6 +180,7 @@ impl Client {
                     .collect(),
                 packed: None,
                 after_event: None,
+                layer_events: None,
             },
         };
         let id = self.send(&Request::Save(request))?;
@@ -193,7 +194,8 @@ impl Client {
     /// Loads the lease's first `block_ids.len()` hits into these engine blocks and waits.
     pub fn load(&mut self, lease: u64, block_ids: &[u32]) -> Result<LoadDone, ClientError> {
         let packed = block_ids.iter().flat_map(|id| id.to_le_bytes()).collect::<Vec<u8>>();
-        let request = Load { lease, block_ids: vec![], block_ids_packed: Some(BlockHashBytes::from(packed)) };
+        let request =
+            Load { lease, block_ids: vec![], block_ids_packed: Some(BlockHashBytes::from(packed)), layerwise: false };
         let id = self.send(&Request::Load(request))?;
         self.expect_queued(id, "load")?;
         match self.wait_event(id)? {

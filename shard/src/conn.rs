@@ -9,6 +9,7 @@
 //! the leases it took are released at once. Other connections are never affected.
 
 use crate::acceptor::Peer;
+use crate::gpu_path::{Layerwise, SaveAfter};
 use crate::shard::{MeshMsg, ShardCtx};
 use crate::store::{self, EngineMemory, InstanceOp, LeaseOp, StoreError};
 use futures_lite::io::{ReadHalf, WriteHalf};
@@ -19,12 +20,13 @@ use kvloft_engine::key::BlockHash;
 use kvloft_engine::limits::DEFAULT_LEASE_TTL_MS;
 use kvloft_engine::namespace::NamespaceId;
 use kvloft_engine::protocol::{
-    self, BodyError, Done, ErrorCode, ErrorReply, Event, FrameError, FrameKind, FrameRef, HelloReply, LoadDone,
-    LookupReply, Queued, RegisterInstanceReply, RegisterMemoryReply, Reply, Request, SaveDone, StatsReply, LEN_BYTES,
-    MAX_BATCH_BLOCKS, MAX_FRAME_BYTES, MAX_HASH_BYTES, MAX_LAYERS, PROTOCOL_VERSION,
+    self, BlockHashBytes, BodyError, Done, ErrorCode, ErrorReply, Event, FrameError, FrameKind, FrameRef, HelloReply,
+    LoadDone, LoadLayers, LookupReply, Queued, RegisterInstanceReply, RegisterMemoryReply, Reply, Request, SaveDone,
+    StatsReply, LEN_BYTES, MAX_BATCH_BLOCKS, MAX_FRAME_BYTES, MAX_HASH_BYTES, MAX_LAYERS, PROTOCOL_VERSION,
 };
 use kvloft_gpu::host::HostMemory;
 use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
 use std::os::fd::RawFd;
 use std::rc::Rc;
@@ -79,12 +81,19 @@ struct State {
     memory: Option<(u32, EngineMemory)>,
     leases: Vec<u64>,
     /// CUDA events the worker shared for ordering its saves, opened once each (a worker
-    /// usually re-records one event), at most [`MAX_EVENTS_PER_CONNECTION`].
-    events: Vec<([u8; 64], Arc<kvloft_gpu::cuda::IpcEvent>)>,
+    /// re-records the same events every step), at most [`MAX_EVENTS_PER_CONNECTION`], the
+    /// oldest closed first.
+    events: HashMap<[u8; 64], Arc<kvloft_gpu::cuda::IpcEvent>>,
+    /// The order `events` were opened in.
+    event_order: VecDeque<[u8; 64]>,
+    /// The events kvloft records behind each layer of this connection's layer-wise loads, one
+    /// per registered layer, made on the first such load.
+    layer_marks: Vec<Arc<kvloft_gpu::cuda::SharedEvent>>,
 }
 
-/// Distinct CUDA IPC events one connection may have open.
-const MAX_EVENTS_PER_CONNECTION: usize = 16;
+/// Distinct CUDA IPC events one connection may have open: a layer-wise save's per-layer events
+/// and a few more.
+const MAX_EVENTS_PER_CONNECTION: usize = MAX_LAYERS + 16;
 
 #[derive(Debug, Clone)]
 struct Instance {
@@ -255,7 +264,7 @@ impl Connection {
                     Some(bytes) => protocol::unpack_u32s(&bytes).map_err(|e| Failure(ErrorCode::BadRequest, e))?,
                     None => r.block_ids,
                 };
-                self.load(frame.request_id, r.lease, ids).await
+                self.load(frame.request_id, r.lease, ids, r.layerwise).await
             }
             Request::Release(r) => self.release(r.lease).await,
             other => Err(Failure(ErrorCode::UnknownOp, format!("`{}` is not served by this server", other.op()))),
@@ -433,9 +442,35 @@ impl Connection {
             mem.check_block(block_id).map_err(|e| Failure(ErrorCode::BlockOutOfRange, format!("block {i}: {e}")))?;
             items.push((block_hash(i, hash)?, block_id));
         }
-        let after = match &request.after_event {
-            None => None,
-            Some(handle) => Some(self.ipc_event(&mem, handle)?),
+        let after = match (&request.after_event, &request.layer_events) {
+            (Some(_), Some(_)) => {
+                return Err(Failure(
+                    ErrorCode::BadRequest,
+                    "send after_event or layer_events, not both (layer_events orders each layer)".into(),
+                ))
+            }
+            (None, None) => SaveAfter::Nothing,
+            (Some(handle), None) => SaveAfter::Event(self.ipc_event(&mem, "after_event", handle)?),
+            (None, Some(handles)) => {
+                let layers = match &mem {
+                    EngineMemory::Cuda(cuda) => cuda.layers().len(),
+                    EngineMemory::Host(_) => 0,
+                };
+                if layers > 0 && handles.len() != layers {
+                    return Err(Failure(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "layer_events has {} handles but the registered memory has {layers} layers; send one per layer",
+                            handles.len()
+                        ),
+                    ));
+                }
+                let mut events = Vec::with_capacity(handles.len());
+                for h in handles {
+                    events.push(self.ipc_event(&mem, "layer_events", h)?);
+                }
+                SaveAfter::Layers(events)
+            }
         };
         let count = items.len() as u32;
         let conn = self.clone();
@@ -449,32 +484,66 @@ impl Connection {
         Ok(Reply::Save(Queued { blocks: count }))
     }
 
-    /// The worker's CUDA event `handle`, opened on its GPU (once per connection and handle).
-    fn ipc_event(&self, mem: &EngineMemory, handle: &[u8]) -> Result<Arc<kvloft_gpu::cuda::IpcEvent>, Failure> {
+    /// The worker's CUDA event `handle` (sent in field `field`), opened on its GPU (once per
+    /// connection and handle).
+    fn ipc_event(
+        &self,
+        mem: &EngineMemory,
+        field: &str,
+        handle: &[u8],
+    ) -> Result<Arc<kvloft_gpu::cuda::IpcEvent>, Failure> {
         let EngineMemory::Cuda(cuda) = mem else {
-            return Err(Failure(ErrorCode::BadRequest, "after_event needs GPU memory (register \"cuda:N\")".into()));
+            return Err(Failure(ErrorCode::BadRequest, format!("{field} needs GPU memory (register \"cuda:N\")")));
         };
         let handle: [u8; 64] = handle.try_into().map_err(|_| {
             Failure(
                 ErrorCode::BadRequest,
-                format!("after_event is a 64-byte CUDA IPC event handle, got {} bytes", handle.len()),
+                format!("{field} holds 64-byte CUDA IPC event handles, got {} bytes", handle.len()),
             )
         })?;
         let mut state = self.state.borrow_mut();
-        if let Some((_, e)) = state.events.iter().find(|(h, _)| *h == handle) {
+        if let Some(e) = state.events.get(&handle) {
             return Ok(e.clone());
         }
         let event = kvloft_gpu::cuda::IpcEvent::open(cuda.device().clone(), &handle)
-            .map_err(|e| Failure(ErrorCode::BadRequest, format!("after_event: {e}")))?;
+            .map_err(|e| Failure(ErrorCode::BadRequest, format!("{field}: {e}")))?;
         let event = Arc::new(event);
         if state.events.len() >= MAX_EVENTS_PER_CONNECTION {
-            state.events.remove(0);
+            if let Some(old) = state.event_order.pop_front() {
+                state.events.remove(&old);
+            }
         }
-        state.events.push((handle, event.clone()));
+        state.events.insert(handle, event.clone());
+        state.event_order.push_back(handle);
         Ok(event)
     }
 
-    async fn load(self: &Rc<Self>, request_id: u64, lease: u64, block_ids: Vec<u32>) -> Result<Reply, Failure> {
+    /// This connection's per-layer load events for `cuda`, made on first use.
+    fn layer_marks(
+        &self,
+        cuda: &kvloft_gpu::cuda::CudaMemory,
+    ) -> Result<Vec<Arc<kvloft_gpu::cuda::SharedEvent>>, Failure> {
+        let mut state = self.state.borrow_mut();
+        let layers = cuda.layers().len();
+        if state.layer_marks.len() != layers {
+            let mut marks = Vec::with_capacity(layers);
+            for _ in 0..layers {
+                let e = kvloft_gpu::cuda::SharedEvent::new(cuda.device().clone())
+                    .map_err(|e| Failure(ErrorCode::Internal, format!("creating a layer event: {e}")))?;
+                marks.push(Arc::new(e));
+            }
+            state.layer_marks = marks;
+        }
+        Ok(state.layer_marks.clone())
+    }
+
+    async fn load(
+        self: &Rc<Self>,
+        request_id: u64,
+        lease: u64,
+        block_ids: Vec<u32>,
+        layerwise: bool,
+    ) -> Result<Reply, Failure> {
         let instance = self.instance()?;
         let (rank, mem) = self.memory()?;
         if block_ids.len() > MAX_BATCH_BLOCKS {
@@ -483,11 +552,31 @@ impl Connection {
         for (i, id) in block_ids.iter().enumerate() {
             mem.check_block(*id).map_err(|e| Failure(ErrorCode::BlockOutOfRange, format!("block {i}: {e}")))?;
         }
+        let marks = match (&mem, layerwise) {
+            (_, false) => None,
+            (EngineMemory::Cuda(cuda), true) => Some(self.layer_marks(cuda)?),
+            (EngineMemory::Host(_), true) => {
+                return Err(Failure(
+                    ErrorCode::BadRequest,
+                    "layerwise loads need GPU memory (register \"cuda:N\"); CPU memory loads whole blocks".into(),
+                ))
+            }
+        };
         let plan = store::load_prepare(&self.ctx, &instance.name, rank, lease, block_ids.len()).await?;
         let count = block_ids.len() as u32;
         let conn = self.clone();
+        let layerwise = marks.map(|events| {
+            let body = Event::LoadLayers(LoadLayers {
+                events: events.iter().map(|e| BlockHashBytes::from(e.handle().to_vec())).collect(),
+            });
+            let conn = self.clone();
+            let announce: std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> = Box::pin(async move {
+                conn.send(FrameKind::Event, request_id, &protocol::to_body(&body)).await;
+            });
+            Layerwise { events, announce }
+        });
         glommio::spawn_local(async move {
-            let l = store::load_copy(&conn.ctx, mem, plan, block_ids).await;
+            let l = store::load_copy(&conn.ctx, mem, plan, block_ids, layerwise).await;
             let done = Event::LoadDone(LoadDone { loaded: l.loaded, error: l.error });
             conn.send(FrameKind::Event, request_id, &protocol::to_body(&done)).await;
         })

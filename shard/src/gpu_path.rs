@@ -15,14 +15,17 @@
 
 use crate::route::ShardId;
 use crate::shard::{MeshMsg, ShardCtx};
-use crate::store::{by_owner, fan_out, Loaded, OwnerOp, Saved, StoreError};
+use crate::store::{by_owner, Loaded, OwnerOp, Saved};
 use kvloft_engine::index::Reserved;
 use kvloft_engine::key::{BlockHash, BlockKey, SliceKey};
 use kvloft_engine::namespace::NamespaceId;
-use kvloft_gpu::cuda::{Copier, CudaError, CudaMemory, Device, HostRegistration, IpcEvent};
+use kvloft_gpu::cuda::{Copier, CudaError, CudaMemory, Device, HostRegistration, IpcEvent, SharedEvent};
+use kvloft_gpu::plan::Plan;
 use kvloft_gpu::plan::Planner;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +46,10 @@ pub(crate) struct GpuReserved {
     pub failed: u32,
     pub error: Option<String>,
 }
+
+/// An owner's answer to a GPU load: `(engine block, slot device address)` per slice, or why
+/// the lease's slices are gone.
+pub(crate) type Resolved = Result<Vec<(u32, u64)>, String>;
 
 /// A shard's GPU state: its arena's registrations and its copiers, per GPU (by UUID).
 #[derive(Default)]
@@ -158,90 +165,236 @@ impl ShardCtx {
     }
 }
 
-/// Moves `items` (`(engine block, slot device address)`) between `mem` and the pool on this
-/// shard's copier for `mem`'s GPU; returns once the GPU finished. The request is cut into batches
-/// of whole blocks, each planned while the GPU moves the ones before it.
-async fn copy(
-    ctx: &Rc<ShardCtx>,
-    mem: &CudaMemory,
-    items: &[(u32, u64)],
+/// One request's copy on this shard's copier for a GPU. Blocks are planned and queued as they are
+/// [pushed](CopyRun::push), in batches of whole blocks, while the GPU moves the ones before; the
+/// caller holds the copier's turn for as long as the run lasts.
+struct CopyRun<'a> {
+    slot: &'a CopySlot,
+    mem: &'a CudaMemory,
+    planner: Planner,
+    /// Blocks per queued batch, so that a batch fits the copier's range table.
+    chunk_blocks: usize,
     d2h: bool,
-    after: Option<&IpcEvent>,
-) -> Result<(), String> {
-    let slot = ctx.copy_slot(mem.device()).map_err(|e| e.to_string())?;
-    let _turn = slot.turn.acquire_permit(1).await.map_err(|e| format!("copier closed: {e}"))?;
-    if let Some(event) = after {
-        slot.copier.borrow_mut().wait_for(event).map_err(|e| e.to_string())?;
+}
+
+impl<'a> CopyRun<'a> {
+    fn new(ctx: &ShardCtx, slot: &'a CopySlot, mem: &'a CudaMemory, d2h: bool) -> Self {
+        let planner = Planner {
+            sm_budget: ctx.shared.topology.copy.sm_budget,
+            sm_count: mem.device().sm_count(),
+            ..Planner::default()
+        };
+        // Ranges one block becomes once the planner splits long segments for the kernel.
+        let chunk = planner.chunk_bytes.max(1);
+        let per_block: usize = mem
+            .layers()
+            .iter()
+            .map(|l| l.segments as usize * l.segment_bytes.div_ceil(chunk) as usize)
+            .sum::<usize>()
+            .max(1);
+        Self { slot, mem, planner, chunk_blocks: (COPIER_RANGES / per_block).max(1), d2h }
     }
-    let planner = Planner {
-        sm_budget: ctx.shared.topology.copy.sm_budget,
-        sm_count: mem.device().sm_count(),
-        ..Planner::default()
-    };
-    // Ranges one block becomes once the planner splits long segments for the kernel.
-    let chunk = planner.chunk_bytes.max(1);
-    let per_block: usize = mem
-        .layers()
-        .iter()
-        .map(|l| l.segments as usize * l.segment_bytes.div_ceil(chunk) as usize)
-        .sum::<usize>()
-        .max(1);
-    let chunk_blocks = (COPIER_RANGES / per_block).max(1);
-    for chunk in items.chunks(chunk_blocks) {
-        let plan = planner.plan(&mem.ranges(chunk, d2h));
-        if plan.ranges.len() > COPIER_RANGES {
-            // Splitting made more ranges than a batch holds (blocks of long segments): move this
-            // part on the copy engines instead.
-            let dma = kvloft_gpu::plan::Plan { method: kvloft_gpu::plan::Method::Dma, ranges: plan.ranges };
-            submit(&slot, &dma).await?;
-        } else {
-            submit(&slot, &plan).await?;
+
+    /// Plans and queues `items` (`(engine block, slot device address)`), waiting (without
+    /// blocking the shard) while every batch slot of the copier is busy.
+    async fn push(&self, items: &[(u32, u64)]) -> Result<(), String> {
+        for chunk in items.chunks(self.chunk_blocks) {
+            let plan = self.planner.plan(&self.mem.ranges(chunk, self.d2h));
+            if plan.ranges.len() > COPIER_RANGES {
+                // Splitting made more ranges than a batch holds (blocks of long segments): move
+                // this part on the copy engines instead.
+                let dma = kvloft_gpu::plan::Plan { method: kvloft_gpu::plan::Method::Dma, ranges: plan.ranges };
+                submit(self.slot, &dma).await?;
+            } else {
+                submit(self.slot, &plan).await?;
+            }
         }
+        Ok(())
     }
-    loop {
-        if slot.copier.borrow_mut().done().map_err(|e| e.to_string())? {
-            return Ok(());
+
+    /// Plans and queues `items` layer by layer (layer 0 of every block first); before layer `i`
+    /// the stream waits for the worker's `waits[i]` (a layer-wise save).
+    async fn push_layers_after(&self, items: &[(u32, u64)], waits: &[Arc<IpcEvent>]) -> Result<(), String> {
+        for (layer, event) in waits.iter().enumerate() {
+            self.slot.copier.borrow_mut().wait_for(event).map_err(|e| e.to_string())?;
+            let plan = self.planner.plan(&self.mem.layer_ranges(items, layer, self.d2h));
+            for part in plan.ranges.chunks(COPIER_RANGES) {
+                submit_marked(self.slot, &Plan { method: plan.method, ranges: part.to_vec() }, &[]).await?;
+            }
         }
-        glommio::timer::sleep(POLL).await;
+        Ok(())
+    }
+
+    /// Plans and queues `items` layer by layer, recording `marks[i]` behind layer `i`'s copy
+    /// (a layer-wise load). Consecutive layers share a batch while they fit, so a load of a
+    /// step's blocks is queued at once and the worker can wait on every layer's event soon.
+    async fn push_layers_marked(&self, items: &[(u32, u64)], marks: &[Arc<SharedEvent>]) -> Result<(), String> {
+        let mut batch: Option<Plan> = None;
+        let mut cuts: Vec<(usize, &SharedEvent)> = Vec::new();
+        for (layer, event) in marks.iter().enumerate() {
+            let plan = self.planner.plan(&self.mem.layer_ranges(items, layer, self.d2h));
+            let fits = batch
+                .as_ref()
+                .is_some_and(|b| b.method == plan.method && b.ranges.len() + plan.ranges.len() <= COPIER_RANGES);
+            if !fits {
+                if let Some(b) = batch.take() {
+                    submit_marked(self.slot, &b, &cuts).await?;
+                    cuts.clear();
+                }
+            }
+            if plan.ranges.len() > COPIER_RANGES {
+                // One layer fills more than a batch: its parts go alone, the event behind the last.
+                let parts: Vec<&[kvloft_gpu::plan::Range]> = plan.ranges.chunks(COPIER_RANGES).collect();
+                for (n, part) in parts.iter().enumerate() {
+                    let mark: &[(usize, &SharedEvent)] =
+                        if n + 1 == parts.len() { &[(part.len(), event)] } else { &[] };
+                    submit_marked(self.slot, &Plan { method: plan.method, ranges: part.to_vec() }, mark).await?;
+                }
+                continue;
+            }
+            let b = batch.get_or_insert_with(|| Plan { method: plan.method, ranges: Vec::new() });
+            b.ranges.extend_from_slice(&plan.ranges);
+            cuts.push((b.ranges.len(), event));
+        }
+        if let Some(b) = batch {
+            submit_marked(self.slot, &b, &cuts).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the GPU has finished everything pushed.
+    async fn finish(&self) -> Result<(), String> {
+        loop {
+            if self.slot.copier.borrow_mut().done().map_err(|e| e.to_string())? {
+                return Ok(());
+            }
+            glommio::timer::sleep(POLL).await;
+        }
     }
 }
 
 /// Queues `plan` once the copier has a free batch slot (waiting without blocking the shard).
-async fn submit(slot: &CopySlot, plan: &kvloft_gpu::plan::Plan) -> Result<(), String> {
+async fn submit(slot: &CopySlot, plan: &Plan) -> Result<(), String> {
+    submit_marked(slot, plan, &[]).await
+}
+
+/// [`submit`], recording each event of `marks` behind the ranges before its position.
+async fn submit_marked(slot: &CopySlot, plan: &Plan, marks: &[(usize, &SharedEvent)]) -> Result<(), String> {
     while !slot.copier.borrow_mut().ready().map_err(|e| e.to_string())? {
         glommio::timer::sleep(POLL).await;
     }
     let mut copier = slot.copier.borrow_mut();
     // SAFETY: sources and destinations are the engine's IPC-mapped KV cache (held open by the
     // caller's `CudaMemory` until the copy is done) and pool slots registered with this GPU that
-    // the owners keep reserved (save) or pinned (load) until `copy` returns, after completion.
-    unsafe { copier.submit(plan) }.map_err(|e| e.to_string())
+    // the owners keep reserved (save) or pinned (load) until the run has finished.
+    unsafe { copier.submit_marked(plan, marks) }.map_err(|e| e.to_string())
 }
 
-/// Saves this rank's slices of `blocks` from GPU memory.
+/// What a GPU save's copy waits for on the GPU before it reads the worker's blocks.
+#[derive(Debug, Default)]
+pub(crate) enum SaveAfter {
+    /// Nothing: the worker synchronized before it asked.
+    #[default]
+    Nothing,
+    /// One event recorded after every kernel that wrote the blocks.
+    Event(Arc<IpcEvent>),
+    /// One event per layer, each recorded after the kernels that wrote that layer: layer `i`
+    /// is copied as soon as event `i` fires (a layer-wise save).
+    Layers(Vec<Arc<IpcEvent>>),
+}
+
+/// A layer-wise load's own part: the events kvloft records behind each layer's copy, and the
+/// `load_layers` announcement to send once every layer's copy is queued.
+pub(crate) struct Layerwise {
+    /// One event per layer.
+    pub events: Vec<Arc<SharedEvent>>,
+    /// Sends `load_layers` to the worker.
+    pub announce: Pin<Box<dyn Future<Output = ()>>>,
+}
+
+impl std::fmt::Debug for Layerwise {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Layerwise {{ layers: {} }}", self.events.len())
+    }
+}
+
+/// Sends each owner its share of `groups` (built by `make` around one reply channel for all
+/// owners, this shard last) and returns the channel: owners answer in any order, tagged with their
+/// id. The channel closes once every owner has answered or dropped the request (a stopped shard).
+async fn ask_owners<I, T>(
+    ctx: &Rc<ShardCtx>,
+    groups: impl IntoIterator<Item = (ShardId, I)>,
+    make: impl Fn(I, flume::Sender<(ShardId, T)>) -> MeshMsg,
+) -> flume::Receiver<(ShardId, T)> {
+    let mut order: Vec<(ShardId, I)> = groups.into_iter().collect();
+    order.sort_by_key(|(shard, _)| *shard == ctx.id);
+    let (tx, rx) = flume::bounded(order.len().max(1));
+    for (shard, items) in order {
+        ctx.tell(shard, make(items, tx.clone())).await;
+    }
+    rx
+}
+
+/// Receives the next answer of `rx` and every answer already waiting behind it; empty once every
+/// owner has answered.
+async fn next_answers<T>(rx: &flume::Receiver<(ShardId, T)>) -> Vec<(ShardId, T)> {
+    let Ok(first) = rx.recv_async().await else { return Vec::new() };
+    let mut out = vec![first];
+    out.extend(rx.try_iter());
+    out
+}
+
+/// Saves this rank's slices of `blocks` from GPU memory. Each owner's slots are queued for the
+/// copy as soon as its answer arrives, so the GPU starts on the first owner's share while the
+/// others are still reserving.
 pub(crate) async fn save(
     ctx: &Rc<ShardCtx>,
     mem: Arc<CudaMemory>,
     ns: NamespaceId,
     rank: u32,
     blocks: Vec<(BlockHash, u32)>,
-    after: Option<Arc<IpcEvent>>,
+    after: SaveAfter,
 ) -> Saved {
     let slice_bytes = mem.slice_bytes();
     let keys = blocks.into_iter().map(|(hash, id)| (SliceKey { block: BlockKey { ns, hash }, rank: rank as u16 }, id));
     let groups = by_owner(ctx, keys);
-    let sizes: HashMap<ShardId, u32> = groups.iter().map(|(s, items)| (*s, items.len() as u32)).collect();
+    let mut unanswered: HashMap<ShardId, u32> = groups.iter().map(|(s, items)| (*s, items.len() as u32)).collect();
     let dev = mem.device().clone();
-    let replies = fan_out(ctx, groups, |items, reply| {
+    let mut total = Saved::default();
+    let slot = match ctx.copy_slot(&dev) {
+        Ok(slot) => slot,
+        Err(e) => {
+            total.failed = unanswered.values().sum();
+            total.error = Some(e.to_string());
+            return total;
+        }
+    };
+    let answers = ask_owners(ctx, groups, |items, reply| {
         MeshMsg::Owner(OwnerOp::GpuReserve { dev: dev.clone(), slice_bytes, items, reply })
     })
     .await;
-    let mut total = Saved::default();
     let mut reserved: Vec<(ShardId, Vec<SliceKey>)> = Vec::new();
-    let mut items: Vec<(u32, u64)> = Vec::new();
-    for (shard, reply) in replies {
-        match reply {
-            Ok(r) => {
+    let mut copy_error: Option<String> = None;
+    {
+        let turn = slot.turn.acquire_permit(1).await;
+        if let Err(e) = &turn {
+            copy_error = Some(format!("copier closed: {e}"));
+        }
+        if let (SaveAfter::Event(event), None) = (&after, &copy_error) {
+            copy_error = slot.copier.borrow_mut().wait_for(event).err().map(|e| e.to_string());
+        }
+        let run = CopyRun::new(ctx, &slot, &mem, true);
+        let mut pushed = false;
+        // A layer-wise save copies layer-major, so it needs every owner's slots first.
+        let mut all_items: Vec<(u32, u64)> = Vec::new();
+        loop {
+            let batch = next_answers(&answers).await;
+            if batch.is_empty() {
+                break;
+            }
+            let mut items: Vec<(u32, u64)> = Vec::new();
+            for (shard, r) in batch {
+                unanswered.remove(&shard);
                 total.present += r.present;
                 total.failed += r.failed;
                 if total.error.is_none() {
@@ -250,20 +403,38 @@ pub(crate) async fn save(
                 items.extend(r.slots.iter().map(|(_, b, a)| (*b, *a)));
                 reserved.push((shard, r.slots.into_iter().map(|(k, _, _)| k).collect()));
             }
-            Err(StoreError(_, message)) => {
-                total.failed += sizes.get(&shard).copied().unwrap_or(0);
-                total.error.get_or_insert(message);
+            if let SaveAfter::Layers(_) = &after {
+                all_items.extend(items);
+            } else if copy_error.is_none() && !items.is_empty() {
+                copy_error = run.push(&items).await.err();
+                pushed = true;
+            }
+        }
+        if let (SaveAfter::Layers(waits), None) = (&after, &copy_error) {
+            if !all_items.is_empty() {
+                copy_error = run.push_layers_after(&all_items, waits).await.err();
+                pushed = true;
+            }
+        }
+        // Batches already queued must land before the slots are sealed or freed, even when a
+        // later one failed.
+        if pushed {
+            if let Err(e) = run.finish().await {
+                copy_error.get_or_insert(e);
             }
         }
     }
-    let result = if items.is_empty() { Ok(()) } else { copy(ctx, &mem, &items, true, after.as_deref()).await };
-    let ok = result.is_ok();
+    for (shard, n) in unanswered {
+        total.failed += n;
+        total.error.get_or_insert_with(|| format!("shard {shard} has stopped; retry later"));
+    }
+    let ok = copy_error.is_none();
     let copied: u32 = reserved.iter().map(|(_, k)| k.len() as u32).sum();
     if ok {
         total.saved += copied;
     } else {
         total.failed += copied;
-        total.error = result.err();
+        total.error = copy_error;
     }
     for (shard, keys) in reserved {
         if !keys.is_empty() {
@@ -274,35 +445,86 @@ pub(crate) async fn save(
 }
 
 /// Copies a checked lease's slices into this rank's engine blocks in GPU memory; unpins them.
-pub(crate) async fn load(ctx: &Rc<ShardCtx>, mem: Arc<CudaMemory>, lease: u64, keys: Vec<(SliceKey, u32)>) -> Loaded {
+/// Like a save, each owner's share is queued as soon as it answers; any failure fails the load.
+///
+/// A layer-wise load (`layerwise`) waits for every owner, queues the copy layer by layer with
+/// kvloft's event behind each layer, and announces the events before the copy completes.
+pub(crate) async fn load(
+    ctx: &Rc<ShardCtx>,
+    mem: Arc<CudaMemory>,
+    lease: u64,
+    keys: Vec<(SliceKey, u32)>,
+    layerwise: Option<Layerwise>,
+) -> Loaded {
     let rank = keys.first().map_or(0, |(k, _)| k.rank);
     let groups = by_owner(ctx, keys);
     let owners: Vec<ShardId> = groups.keys().copied().collect();
+    let mut unanswered = owners.len();
     let dev = mem.device().clone();
-    let replies = fan_out(ctx, groups, |items, reply| {
-        MeshMsg::Owner(OwnerOp::GpuResolve { dev: dev.clone(), lease, items, reply })
-    })
-    .await;
-    let mut items = Vec::new();
     let mut error = None;
-    for (_, reply) in replies {
-        match reply {
-            Ok(Ok(v)) => items.extend(v),
-            Ok(Err(e)) | Err(StoreError(_, e)) => {
-                error.get_or_insert(e);
+    let mut loaded = 0u32;
+    match ctx.copy_slot(&dev) {
+        Err(e) => error = Some(e.to_string()),
+        Ok(slot) => {
+            let answers = ask_owners(ctx, groups, |items, reply| {
+                MeshMsg::Owner(OwnerOp::GpuResolve { dev: dev.clone(), lease, items, reply })
+            })
+            .await;
+            let turn = slot.turn.acquire_permit(1).await;
+            if let Err(e) = &turn {
+                error = Some(format!("copier closed: {e}"));
             }
-        }
-    }
-    if error.is_none() && !items.is_empty() {
-        if let Err(e) = copy(ctx, &mem, &items, false, None).await {
-            error = Some(e);
+            let run = CopyRun::new(ctx, &slot, &mem, false);
+            let mut pushed = false;
+            let mut all_items: Vec<(u32, u64)> = Vec::new();
+            loop {
+                let batch = next_answers(&answers).await;
+                if batch.is_empty() {
+                    break;
+                }
+                let mut items = Vec::new();
+                for (_, r) in batch {
+                    unanswered -= 1;
+                    match r {
+                        Ok(v) => items.extend(v),
+                        Err(e) => {
+                            error.get_or_insert(e);
+                        }
+                    }
+                }
+                loaded += items.len() as u32;
+                if layerwise.is_some() {
+                    all_items.extend(items);
+                } else if error.is_none() && !items.is_empty() {
+                    error = run.push(&items).await.err();
+                    pushed = true;
+                }
+            }
+            if unanswered > 0 {
+                error.get_or_insert_with(|| "a shard holding the lease has stopped; recompute".to_string());
+            }
+            if let (Some(lw), None) = (layerwise, &error) {
+                if !all_items.is_empty() {
+                    pushed = true;
+                    error = run.push_layers_marked(&all_items, &lw.events).await.err();
+                }
+                if error.is_none() {
+                    lw.announce.await;
+                }
+            }
+            // Blocks already queued must land before the pins go, even when the load failed.
+            if pushed {
+                if let Err(e) = run.finish().await {
+                    error.get_or_insert(e);
+                }
+            }
         }
     }
     for shard in owners {
         ctx.tell(shard, MeshMsg::Owner(OwnerOp::UnpinRank { lease, rank })).await;
     }
     match error {
-        None => Loaded { loaded: items.len() as u32, error: None },
+        None => Loaded { loaded, error: None },
         Some(e) => Loaded { loaded: 0, error: Some(e) },
     }
 }

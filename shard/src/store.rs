@@ -65,7 +65,7 @@ pub(crate) enum OwnerOp {
         dev: Arc<kvloft_gpu::cuda::Device>,
         slice_bytes: u64,
         items: Vec<(SliceKey, u32)>,
-        reply: flume::Sender<crate::gpu_path::GpuReserved>,
+        reply: flume::Sender<(ShardId, crate::gpu_path::GpuReserved)>,
     },
     /// GPU save, step 2: the copy is done (`ok`) or failed: seal or abort the reserved slices.
     GpuFinish { keys: Vec<SliceKey>, ok: bool },
@@ -77,7 +77,7 @@ pub(crate) enum OwnerOp {
         dev: Arc<kvloft_gpu::cuda::Device>,
         lease: u64,
         items: Vec<(SliceKey, u32)>,
-        reply: flume::Sender<Result<Vec<(u32, u64)>, String>>,
+        reply: flume::Sender<(ShardId, crate::gpu_path::Resolved)>,
     },
 }
 
@@ -143,14 +143,14 @@ impl ShardCtx {
                 let _ = reply.try_send(self.load_slices(&mem, lease, items));
             }
             OwnerOp::GpuReserve { dev, slice_bytes, items, reply } => {
-                let _ = reply.try_send(self.gpu_reserve(&dev, slice_bytes, items));
+                let _ = reply.try_send((self.id, self.gpu_reserve(&dev, slice_bytes, items)));
             }
             OwnerOp::GpuFinish { keys, ok } => self.gpu_finish(keys, ok),
             OwnerOp::UnpinRank { lease, rank } => {
                 self.index.borrow_mut().unpin_rank(lease, rank);
             }
             OwnerOp::GpuResolve { dev, lease, items, reply } => {
-                let _ = reply.try_send(self.gpu_resolve(&dev, lease, items));
+                let _ = reply.try_send((self.id, self.gpu_resolve(&dev, lease, items)));
             }
         }
     }
@@ -462,11 +462,19 @@ pub(crate) fn by_owner<T>(
     ctx: &ShardCtx,
     items: impl IntoIterator<Item = (SliceKey, T)>,
 ) -> BTreeMap<ShardId, Vec<(SliceKey, T)>> {
-    let mut out: BTreeMap<ShardId, Vec<(SliceKey, T)>> = BTreeMap::new();
+    // A vector per shard, not a map probe per key: this runs for every block of a request.
+    let items = items.into_iter();
+    let shards = ctx.shard_count().max(1);
+    let guess = items.size_hint().0 / shards + items.size_hint().0 / (4 * shards) + 1;
+    let mut per: Vec<Vec<(SliceKey, T)>> = (0..shards).map(|_| Vec::new()).collect();
     for (key, v) in items {
-        out.entry(ctx.owner(&key)).or_default().push((key, v));
+        let owner = &mut per[ctx.owner(&key)];
+        if owner.capacity() == 0 {
+            owner.reserve(guess);
+        }
+        owner.push((key, v));
     }
-    out
+    per.into_iter().enumerate().filter(|(_, v)| !v.is_empty()).collect()
 }
 
 /// Looks up `hashes` for every rank of the namespace, pins the leading hits under a new lease and
@@ -607,7 +615,7 @@ pub(crate) async fn save(
     ns: NamespaceId,
     rank: u32,
     blocks: Vec<(BlockHash, u32)>,
-    after: Option<Arc<kvloft_gpu::cuda::IpcEvent>>,
+    after: crate::gpu_path::SaveAfter,
 ) -> Saved {
     match mem {
         EngineMemory::Host(mem) => save_host(ctx, mem, ns, rank, blocks).await,
@@ -681,7 +689,13 @@ pub(crate) async fn load_prepare(
 
 /// Copies the planned slices into this rank's engine blocks `block_ids` (one per hit, in order).
 /// Any failure fails the whole load: `loaded` is then 0 and the engine recomputes every block.
-pub(crate) async fn load_copy(ctx: &Rc<ShardCtx>, mem: EngineMemory, plan: LoadPlan, block_ids: Vec<u32>) -> Loaded {
+pub(crate) async fn load_copy(
+    ctx: &Rc<ShardCtx>,
+    mem: EngineMemory,
+    plan: LoadPlan,
+    block_ids: Vec<u32>,
+    layerwise: Option<crate::gpu_path::Layerwise>,
+) -> Loaded {
     let LoadPlan { lease, ns, hashes, rank } = plan;
     let keys = hashes
         .iter()
@@ -706,7 +720,7 @@ pub(crate) async fn load_copy(ctx: &Rc<ShardCtx>, mem: EngineMemory, plan: LoadP
                 }
             }
         }
-        EngineMemory::Cuda(mem) => total = crate::gpu_path::load(ctx, mem, lease, keys.collect()).await,
+        EngineMemory::Cuda(mem) => total = crate::gpu_path::load(ctx, mem, lease, keys.collect(), layerwise).await,
     }
     let home = lease_home(lease) as ShardId;
     ctx.tell(home, MeshMsg::Lease(LeaseOp::FinishLoad { id: lease, rank })).await;

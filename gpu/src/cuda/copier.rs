@@ -116,6 +116,24 @@ impl Copier {
     /// destinations writable (device memory, IPC mappings or registered, mapped host memory),
     /// and stay so until [`Copier::done`] reports completion.
     pub unsafe fn submit(&mut self, plan: &Plan) -> Result<(), CudaError> {
+        // SAFETY: the caller's contract, unchanged.
+        unsafe { self.submit_marked(plan, &[]) }
+    }
+
+    /// [`Copier::submit`], recording each `(end, event)` of `marks` right behind
+    /// `plan.ranges[..end]` (`end` ascending, at most the number of ranges): one batch moves
+    /// several parts (a layer-wise load's layers) and another process can wait for each part.
+    ///
+    /// # Safety
+    /// As for [`Copier::submit`].
+    pub unsafe fn submit_marked(
+        &mut self,
+        plan: &Plan,
+        marks: &[(usize, &super::memory::SharedEvent)],
+    ) -> Result<(), CudaError> {
+        if marks.windows(2).any(|w| w[0].0 > w[1].0) || marks.last().is_some_and(|m| m.0 > plan.ranges.len()) {
+            return Err(CudaError::Invalid("event marks must ascend and stay within the batch".into()));
+        }
         let i = self.next;
         self.wait_slot(i)?;
         self.dev.bind()?;
@@ -139,14 +157,38 @@ impl Copier {
                 check("cuMemcpyHtoDAsync", unsafe {
                     sys::cuMemcpyHtoDAsync_v2(slot.table.ptr(), slot.staging.as_ptr().cast(), bytes, self.stream)
                 })?;
-                // SAFETY: the table holds the ranges; the caller's contract covers them.
-                unsafe { kernel.launch(slot.table.ptr(), plan.ranges.len() as u64, ctas, threads, self.stream)? };
+                // One launch per marked part, each on its slice of the table.
+                let mut cuts: Vec<usize> = marks.iter().map(|m| m.0).collect();
+                cuts.push(plan.ranges.len());
+                cuts.dedup();
+                let mut start = 0;
+                for end in cuts {
+                    if end > start {
+                        let table = slot.table.ptr() + (start * RANGE_BYTES) as u64;
+                        // SAFETY: the table holds the ranges; the caller's contract covers them.
+                        unsafe { kernel.launch(table, (end - start) as u64, ctas, threads, self.stream)? };
+                    }
+                    for (_, event) in marks.iter().filter(|m| m.0 == end) {
+                        // SAFETY: both handles are live and belong to this copier's context.
+                        check("cuEventRecord", unsafe { sys::cuEventRecord(event.raw(), self.stream) })?;
+                    }
+                    start = end;
+                }
             }
             _ => {
-                for r in &plan.ranges {
+                let mut marks = marks.iter().peekable();
+                for (n, r) in plan.ranges.iter().enumerate() {
+                    while let Some((_, event)) = marks.next_if(|m| m.0 <= n) {
+                        // SAFETY: both handles are live and belong to this copier's context.
+                        check("cuEventRecord", unsafe { sys::cuEventRecord(event.raw(), self.stream) })?;
+                    }
                     // SAFETY: the caller's contract covers every range; with unified addressing
                     // cuMemcpyAsync takes device and mapped host addresses alike.
                     check("cuMemcpyAsync", unsafe { sys::cuMemcpyAsync(r.dst, r.src, r.len as usize, self.stream) })?;
+                }
+                for (_, event) in marks {
+                    // SAFETY: as above.
+                    check("cuEventRecord", unsafe { sys::cuEventRecord(event.raw(), self.stream) })?;
                 }
             }
         }
@@ -164,6 +206,14 @@ impl Copier {
         self.dev.bind()?;
         // SAFETY: both handles are live; the wait is enqueued on this copier's stream.
         check("cuStreamWaitEvent", unsafe { sys::cuStreamWaitEvent(self.stream, event.raw(), 0) })
+    }
+
+    /// Records `event` on the stream behind every batch submitted so far: another process that
+    /// waits on it waits for those copies.
+    pub fn record(&mut self, event: &super::memory::SharedEvent) -> Result<(), CudaError> {
+        self.dev.bind()?;
+        // SAFETY: both handles are live and belong to this copier's context.
+        check("cuEventRecord", unsafe { sys::cuEventRecord(event.raw(), self.stream) })
     }
 
     /// Whether every submitted batch has finished (true when none was submitted).

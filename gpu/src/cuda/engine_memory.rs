@@ -32,6 +32,8 @@ pub struct CudaMemory {
     _mappings: Vec<IpcMapping>,
     layers: Vec<LayerMemory>,
     slice_bytes: u64,
+    /// Blocks every layer has (the smallest `num_blocks`).
+    blocks: u32,
 }
 
 impl CudaMemory {
@@ -80,7 +82,8 @@ impl CudaMemory {
             }
             layer.base = start + offset;
         }
-        Ok(CudaMemory { dev, _mappings: mappings, layers, slice_bytes })
+        let blocks = layers.iter().map(|l| l.num_blocks).min().unwrap_or(0);
+        Ok(CudaMemory { dev, _mappings: mappings, layers, slice_bytes, blocks })
     }
 
     /// The GPU.
@@ -100,7 +103,13 @@ impl CudaMemory {
 
     /// Whether engine block `block_id` exists in every layer.
     pub fn has_block(&self, block_id: u32) -> bool {
-        self.layers.iter().all(|l| block_id < l.num_blocks)
+        block_id < self.blocks
+    }
+
+    /// The ranges moving layer `layer` of each `(block_id, slot)` pair: the part of
+    /// [`CudaMemory::ranges`] that belongs to that layer (empty past the last layer).
+    pub fn layer_ranges(&self, items: &[(u32, u64)], layer: usize, d2h: bool) -> Vec<Range> {
+        layer_ranges(&self.layers, items, layer, d2h)
     }
 
     /// The ranges moving each `(block_id, slot)` pair: a slot (a pool slice's device address)
@@ -113,15 +122,8 @@ impl CudaMemory {
             let mut offset = 0;
             for l in &self.layers {
                 for s in 0..u64::from(l.segments) {
-                    let engine = l.base + u64::from(block) * l.block_stride + s * l.segment_stride;
-                    let pool = slot + offset;
-                    let len = l.segment_bytes;
-                    out.push(if d2h {
-                        Range { src: engine, dst: pool, len }
-                    } else {
-                        Range { src: pool, dst: engine, len }
-                    });
-                    offset += len;
+                    out.push(segment_range(l, block, s, slot + offset, d2h));
+                    offset += l.segment_bytes;
                 }
             }
         }
@@ -132,6 +134,32 @@ impl CudaMemory {
     pub fn gpu_name(&self) -> String {
         format_uuid(&self.dev.uuid())
     }
+}
+
+/// The range of segment `s` of `block` in layer `l`, whose copy in the pool is at `pool`.
+fn segment_range(l: &LayerMemory, block: u32, s: u64, pool: u64, d2h: bool) -> Range {
+    let engine = l.base + u64::from(block) * l.block_stride + s * l.segment_stride;
+    let len = l.segment_bytes;
+    if d2h {
+        Range { src: engine, dst: pool, len }
+    } else {
+        Range { src: pool, dst: engine, len }
+    }
+}
+
+/// The ranges of layer `layer` of each `(block_id, slot)` pair, laid out as
+/// [`CudaMemory::ranges`] lays out whole slices.
+fn layer_ranges(layers: &[LayerMemory], items: &[(u32, u64)], layer: usize, d2h: bool) -> Vec<Range> {
+    let Some(l) = layers.get(layer) else { return Vec::new() };
+    // Where the layer starts in a slot: every segment of the layers before it.
+    let offset: u64 = layers[..layer].iter().map(|l| u64::from(l.segments) * l.segment_bytes).sum();
+    let mut out = Vec::with_capacity(items.len() * l.segments as usize);
+    for &(block, slot) in items {
+        for s in 0..u64::from(l.segments) {
+            out.push(segment_range(l, block, s, slot + offset + s * l.segment_bytes, d2h));
+        }
+    }
+    out
 }
 
 /// Bytes from a layer's block 0, segment 0 to the end of its last segment of its last block.
@@ -158,5 +186,42 @@ mod tests {
         assert_eq!(layer_extent(&l), Some(900 + 1000 + 100));
         let one = LayerMemory { segments: 1, segment_stride: 0, ..l };
         assert_eq!(layer_extent(&one), Some(1000));
+    }
+
+    /// Layer by layer, the ranges are exactly those of whole slices: same pool offsets, same
+    /// engine addresses, nothing missing or repeated.
+    #[test]
+    fn layer_ranges_partition_the_slice_ranges() {
+        let layers: Vec<LayerMemory> = (0..3u64)
+            .map(|i| LayerMemory {
+                base: 1 << 40 | i << 32,
+                num_blocks: 50,
+                block_stride: 4096,
+                segments: 2 - (i as u32 % 2),
+                segment_stride: 50 * 4096,
+                segment_bytes: 1024 + 512 * i,
+            })
+            .collect();
+        let items = [(3u32, 0x10_0000u64), (41, 0x20_0000), (0, 0x30_0000)];
+        for d2h in [true, false] {
+            let mut whole: Vec<(u64, u64, u64)> = Vec::new();
+            for &(block, slot) in &items {
+                let mut offset = 0;
+                for l in &layers {
+                    for s in 0..u64::from(l.segments) {
+                        let r = segment_range(l, block, s, slot + offset, d2h);
+                        whole.push((r.src, r.dst, r.len));
+                        offset += l.segment_bytes;
+                    }
+                }
+            }
+            let mut by_layer: Vec<(u64, u64, u64)> = (0..layers.len() + 1)
+                .flat_map(|layer| layer_ranges(&layers, &items, layer, d2h))
+                .map(|r| (r.src, r.dst, r.len))
+                .collect();
+            whole.sort_unstable();
+            by_layer.sort_unstable();
+            assert_eq!(whole, by_layer);
+        }
     }
 }

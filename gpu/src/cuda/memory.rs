@@ -319,3 +319,65 @@ impl Drop for IpcEvent {
         }
     }
 }
+
+/// An interprocess CUDA event this process creates and records on its copier's stream, for
+/// another process to wait on (a layer-wise load's per-layer events): the worker opens
+/// [`SharedEvent::handle`] once and makes its stream wait on it.
+#[derive(Debug)]
+pub struct SharedEvent {
+    dev: Arc<Device>,
+    event: sys::CUevent,
+    handle: [u8; 64],
+}
+
+// SAFETY: an event handle is usable from any thread with its context current.
+unsafe impl Send for SharedEvent {}
+// SAFETY: as above; the handle is only recorded on streams and read.
+unsafe impl Sync for SharedEvent {}
+
+impl SharedEvent {
+    /// Creates an interprocess event (no timing) on `dev` and exports its handle.
+    pub fn new(dev: Arc<Device>) -> Result<SharedEvent, CudaError> {
+        dev.bind()?;
+        let mut event = std::ptr::null_mut();
+        let flags =
+            sys::CUevent_flags::CU_EVENT_INTERPROCESS as u32 | sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
+        // SAFETY: the context is current; `event` is a valid out-pointer. Destroyed in Drop.
+        check("cuEventCreate", unsafe { sys::cuEventCreate(&mut event, flags) })?;
+        let mut h = sys::CUipcEventHandle { reserved: [0; 64] };
+        // SAFETY: `event` was created above with CU_EVENT_INTERPROCESS; `h` is a valid out-pointer.
+        if let Err(e) = check("cuIpcGetEventHandle", unsafe { sys::cuIpcGetEventHandle(&mut h, event) }) {
+            // SAFETY: created above, destroyed once.
+            unsafe { sys::cuEventDestroy_v2(event) };
+            return Err(e);
+        }
+        Ok(SharedEvent { dev, event, handle: h.reserved.map(|b| b as u8) })
+    }
+
+    /// The 64-byte handle another process opens (`cudaIpcOpenEventHandle`,
+    /// `torch.cuda.Event.from_ipc_handle`).
+    pub fn handle(&self) -> [u8; 64] {
+        self.handle
+    }
+
+    /// The raw event, for [`crate::cuda::Copier::record`].
+    pub(crate) fn raw(&self) -> sys::CUevent {
+        self.event
+    }
+
+    /// The GPU the event lives on.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.dev
+    }
+}
+
+impl Drop for SharedEvent {
+    fn drop(&mut self) {
+        if self.dev.bind().is_ok() {
+            // SAFETY: created in `new`, destroyed once.
+            unsafe {
+                sys::cuEventDestroy_v2(self.event);
+            }
+        }
+    }
+}

@@ -23,7 +23,7 @@ pub mod memory;
 pub use copier::Copier;
 pub use device::{driver_present, Device};
 pub use engine_memory::{device_by_uuid, CudaMemory};
-pub use memory::{DeviceBuffer, HostRegistration, IpcEvent, IpcMapping, PinnedBuffer};
+pub use memory::{DeviceBuffer, HostRegistration, IpcEvent, IpcMapping, PinnedBuffer, SharedEvent};
 
 use cudarc::driver::sys;
 
