@@ -14,11 +14,14 @@
 //! therefore churns only the small queue and leaves the working set in main alone. Hits are
 //! counted by [`ShardIndex::pin`] (a lookup that found the slice), 0 to [`FREQ_MAX`].
 //!
-//! Pins: each lease's pins on this shard are a list of keys in the order they were taken (a
-//! multiset: a key pinned twice by one lease holds two pins). A pin is one entry lookup and a
-//! push; dropping a lease's pins walks its list. There is no per-pin table: the calls that drop
-//! part of a lease's pins ([`ShardIndex::truncate_pins`], [`ShardIndex::unpin_rank`]) and the
-//! check before a load ([`ShardIndex::pinned_slots`]) work on the lease's whole list at once.
+//! Pins: each lease's pins on this shard are a list of entry handles ([`ItemId`]s of the table,
+//! stable while the entry exists, and a pinned entry is never removed) in the order they were
+//! taken (a multiset: a key pinned twice by one lease holds two pins). A pin is one entry lookup
+//! and a push of four bytes; dropping a lease's pins walks its list and touches each entry
+//! directly, with no hashing. There is no per-pin table: the calls that drop part of a lease's
+//! pins ([`ShardIndex::truncate_pins`], [`ShardIndex::unpin_rank`]) and the check before a load
+//! ([`ShardIndex::pinned_slots`]) work on the lease's whole list at once. The eviction queues hold
+//! handles too: a sealed entry leaves only by eviction, from a queue's front.
 //!
 //! Bounds: `max_entries` entries (writing and sealed), a ghost queue of [`GHOST_PERCENT`] of that,
 //! [`MAX_LEASES_PER_SHARD`] leases holding pins and [`MAX_PINS_PER_SHARD`] pin records.
@@ -28,7 +31,7 @@ use crate::limits::{
     EXPIRE_BATCH_LEASES, FREQ_MAX, GHOST_PERCENT, MAX_LEASES_PER_SHARD, MAX_PINS_PER_SHARD, SMALL_QUEUE_PERCENT,
 };
 use crate::slab::{SlabAllocator, Slot};
-use crate::table::SliceTable;
+use crate::table::{ItemId, SliceTable};
 use std::collections::{BTreeSet, VecDeque};
 
 /// Hash maps keyed by client-chosen hashes: foldhash is several times faster than SipHash on these
@@ -107,8 +110,8 @@ struct Entry {
 #[derive(Debug)]
 struct LeasePins {
     expires_ms: u64,
-    /// The pinned keys in pin order; a key appears once per pin.
-    keys: Vec<SliceKey>,
+    /// The pinned entries in pin order; an entry appears once per pin.
+    pins: Vec<ItemId>,
 }
 
 /// Capacity of a new lease's pin list: one lookup usually pins many slices on a shard.
@@ -120,10 +123,11 @@ pub struct ShardIndex {
     slab: SlabAllocator,
     max_entries: usize,
     entries: SliceTable<Entry>,
-    // Queues hold exactly the sealed entries: the front is the tail (next to leave), new keys are
-    // pushed at the back. Sealed entries leave only by eviction, so the queues hold no stale keys.
-    small: VecDeque<SliceKey>,
-    main: VecDeque<SliceKey>,
+    // Queues hold exactly the sealed entries: the front is the tail (next to leave), new entries
+    // are pushed at the back. Sealed entries leave only by eviction, so the queues hold no stale
+    // handles.
+    small: VecDeque<ItemId>,
+    main: VecDeque<ItemId>,
     /// Recently evicted keys with a sequence number; a key re-sealed leaves `ghost_seq` at once
     /// and its queue record is skipped when it reaches the front.
     ghost: VecDeque<(SliceKey, u64)>,
@@ -200,17 +204,18 @@ impl ShardIndex {
     /// main queue: it is being saved again, so it is worth keeping. Returns false when `key` is
     /// not being written.
     pub fn seal(&mut self, key: SliceKey) -> bool {
-        let Some(e) = self.entries.get_mut(&key) else { return false };
+        let Some(id) = self.entries.id(&key) else { return false };
+        let e = self.entries.item_mut(id).1;
         if e.state != State::Writing {
             return false;
         }
         self.writing -= 1;
         if self.ghost_seq.remove(&key).is_some() {
             e.state = State::Main;
-            self.main.push_back(key);
+            self.main.push_back(id);
         } else {
             e.state = State::Small;
-            self.small.push_back(key);
+            self.small.push_back(id);
         }
         true
     }
@@ -241,8 +246,9 @@ impl ShardIndex {
     /// `expires_ms` is the lease's; a later value for the same lease extends all its pins. A
     /// runtime whose copies outlive the lease should pass its expiry plus the longest copy time.
     pub fn pin(&mut self, key: SliceKey, lease: u64, expires_ms: u64) -> Option<Slot> {
-        let e = self.entries.get_mut(&key).filter(|e| e.state != State::Writing)?;
-        if self.pin_records >= MAX_PINS_PER_SHARD {
+        let id = self.entries.id(&key)?;
+        let e = self.entries.item_mut(id).1;
+        if e.state == State::Writing || self.pin_records >= MAX_PINS_PER_SHARD {
             return None;
         }
         match self.leases.get_mut(&lease) {
@@ -252,15 +258,15 @@ impl ShardIndex {
                     self.expiry.insert((expires_ms, lease));
                     lp.expires_ms = expires_ms;
                 }
-                lp.keys.push(key);
+                lp.pins.push(id);
             }
             None => {
                 if self.leases.len() >= MAX_LEASES_PER_SHARD {
                     return None;
                 }
-                let mut keys = Vec::with_capacity(FIRST_PIN_CAPACITY);
-                keys.push(key);
-                self.leases.insert(lease, LeasePins { expires_ms, keys });
+                let mut pins = Vec::with_capacity(FIRST_PIN_CAPACITY);
+                pins.push(id);
+                self.leases.insert(lease, LeasePins { expires_ms, pins });
                 self.expiry.insert((expires_ms, lease));
             }
         }
@@ -274,11 +280,13 @@ impl ShardIndex {
         Some(e.slot)
     }
 
-    /// Pins, in order, the sealed slice `key_at(i)` for every `i` in `0..count` for `lease`, as
-    /// [`ShardIndex::pin`] does one by one, and calls `found(i, slot)` for each one pinned;
-    /// returns how many. One call looks the lease up once and overlaps the index's cache misses
-    /// (see [`SliceTable::get_many_mut`]), which is what makes a 1,024-hash lookup cheap. Stops
-    /// pinning at the pin or lease bound; the keys left over count as misses.
+    /// Pins, in order, the sealed slices `key_at(0)`, `key_at(1)`, ... for `lease`, as
+    /// [`ShardIndex::pin`] does one by one, and calls `found(i, slot)` for each one pinned, up to
+    /// the first it cannot pin (absent, being written, or a bound reached); returns how many it
+    /// pinned, all of `0..returned`. A lookup answers with its leading run of hits, so nothing
+    /// after a miss could be loaded and is not worth probing. One call looks the lease up once and
+    /// overlaps the index's cache misses (see [`SliceTable::get_prefix_mut`]), which is what makes
+    /// a 1,024-hash lookup cheap.
     pub fn pin_many(
         &mut self,
         lease: u64,
@@ -294,11 +302,15 @@ impl ShardIndex {
         if !self.leases.contains_key(&lease) && self.leases.len() >= MAX_LEASES_PER_SHARD {
             return 0;
         }
-        let mut pinned = Vec::with_capacity(count.min(room));
+        // The lease's list, or a new one: ids are pushed straight onto it.
+        let lp = self.leases.entry(lease).or_insert_with(|| LeasePins { expires_ms, pins: Vec::new() });
+        let before = lp.pins.len();
+        let limit = before + room;
+        lp.pins.reserve(count.min(room));
         let (mut newly_pinned, mut newly_pinned_main) = (0, 0);
-        self.entries.get_many_mut(count, key_at, |i, key, e| {
-            if e.state == State::Writing || pinned.len() >= room {
-                return;
+        self.entries.get_prefix_mut(count, key_at, |i, id, _, e| {
+            if e.state == State::Writing || lp.pins.len() >= limit {
+                return false;
             }
             if e.pins == 0 {
                 newly_pinned += 1;
@@ -306,30 +318,26 @@ impl ShardIndex {
             }
             e.pins += 1;
             e.freq = (e.freq + 1).min(FREQ_MAX);
-            pinned.push(*key);
+            lp.pins.push(id);
             found(i, e.slot);
+            true
         });
-        let n = pinned.len();
-        if n == 0 {
-            return 0;
+        let n = lp.pins.len() - before;
+        if before == 0 {
+            // A new lease: on the books only if it pinned something.
+            if n == 0 {
+                self.leases.remove(&lease);
+                return 0;
+            }
+            self.expiry.insert((expires_ms, lease));
+        } else if expires_ms > lp.expires_ms {
+            self.expiry.remove(&(lp.expires_ms, lease));
+            self.expiry.insert((expires_ms, lease));
+            lp.expires_ms = expires_ms;
         }
         self.pin_records += n;
         self.pinned_entries += newly_pinned;
         self.pinned_main += newly_pinned_main;
-        match self.leases.get_mut(&lease) {
-            Some(lp) => {
-                if expires_ms > lp.expires_ms {
-                    self.expiry.remove(&(lp.expires_ms, lease));
-                    self.expiry.insert((expires_ms, lease));
-                    lp.expires_ms = expires_ms;
-                }
-                lp.keys.extend_from_slice(&pinned);
-            }
-            None => {
-                self.leases.insert(lease, LeasePins { expires_ms, keys: pinned });
-                self.expiry.insert((expires_ms, lease));
-            }
-        }
         n
     }
 
@@ -341,10 +349,10 @@ impl ShardIndex {
             return self.unpin_lease(lease);
         }
         let Some(lp) = self.leases.get_mut(&lease) else { return 0 };
-        if lp.keys.len() <= keep {
+        if lp.pins.len() <= keep {
             return 0;
         }
-        let dropped: Vec<SliceKey> = lp.keys.drain(keep..).collect();
+        let dropped: Vec<ItemId> = lp.pins.drain(keep..).collect();
         self.drop_pins(&dropped);
         dropped.len()
     }
@@ -354,14 +362,15 @@ impl ShardIndex {
     pub fn unpin_rank(&mut self, lease: u64, rank: u16) -> usize {
         let Some(lp) = self.leases.get_mut(&lease) else { return 0 };
         let mut dropped = Vec::new();
-        lp.keys.retain(|k| {
-            let drop = k.rank == rank;
+        let entries = &self.entries;
+        lp.pins.retain(|&id| {
+            let drop = entries.key(id).rank == rank;
             if drop {
-                dropped.push(*k);
+                dropped.push(id);
             }
             !drop
         });
-        if lp.keys.is_empty() {
+        if lp.pins.is_empty() {
             self.expiry.remove(&(lp.expires_ms, lease));
             self.leases.remove(&lease);
         }
@@ -373,8 +382,8 @@ impl ShardIndex {
     pub fn unpin_lease(&mut self, lease: u64) -> usize {
         let Some(lp) = self.leases.remove(&lease) else { return 0 };
         self.expiry.remove(&(lp.expires_ms, lease));
-        self.drop_pins(&lp.keys);
-        lp.keys.len()
+        self.drop_pins(&lp.pins);
+        lp.pins.len()
     }
 
     /// Drops the pins of up to [`EXPIRE_BATCH_LEASES`] leases whose `expires_ms <= now_ms`, so
@@ -411,25 +420,35 @@ impl ShardIndex {
     /// The slot of `key` if `lease` pins it: the slot a load may read (pinned, so not evicted).
     /// Walks the lease's pins; to check many keys, use [`ShardIndex::pinned_slots`].
     pub fn pinned_slot(&self, key: SliceKey, lease: u64) -> Option<Slot> {
-        self.leases.get(&lease).filter(|lp| lp.keys.contains(&key))?;
-        self.entries.get(&key).map(|e| e.slot)
+        let id = self.entries.id(&key)?;
+        self.leases.get(&lease).filter(|lp| lp.pins.contains(&id))?;
+        Some(self.entries.value(id).slot)
     }
 
     /// The slots of `keys` (in their order) if `lease` pins every one of them, else `None`. A
     /// load asks for a prefix of the slices its lookup pinned, in order, so the keys are first
-    /// matched as a subsequence of the lease's pin list (no hashing); keys in any other order are
-    /// checked against a set of the lease's pins.
+    /// matched as a subsequence of the lease's pin list (the list's own keys, no hashing); keys in
+    /// any other order are looked up and checked against a set of the lease's pins.
     pub fn pinned_slots(&self, lease: u64, keys: &[SliceKey]) -> Option<Vec<Slot>> {
         let lp = self.leases.get(&lease)?;
-        let mut pinned = lp.keys.iter();
-        let in_order = keys.iter().all(|k| pinned.any(|p| p == k));
-        if !in_order {
-            let set: std::collections::HashSet<&SliceKey, foldhash::fast::RandomState> = lp.keys.iter().collect();
-            if !keys.iter().all(|k| set.contains(k)) {
-                return None;
-            }
+        let mut pinned = lp.pins.iter();
+        let mut slots = Vec::with_capacity(keys.len());
+        let in_order = keys.iter().all(|k| {
+            pinned.any(|&id| {
+                let hit = self.entries.key(id) == k;
+                if hit {
+                    slots.push(self.entries.value(id).slot);
+                }
+                hit
+            })
+        });
+        if in_order {
+            return Some(slots);
         }
-        keys.iter().map(|k| self.entries.get(k).map(|e| e.slot)).collect()
+        let set: std::collections::HashSet<&ItemId, foldhash::fast::RandomState> = lp.pins.iter().collect();
+        keys.iter()
+            .map(|k| self.entries.id(k).filter(|id| set.contains(id)).map(|id| self.entries.value(id).slot))
+            .collect()
     }
 
     /// Sealed slices.
@@ -467,23 +486,17 @@ impl ShardIndex {
         self.leases.len()
     }
 
-    /// Drops one pin record on each of `keys` (which some lease held and has let go).
-    fn drop_pins(&mut self, keys: &[SliceKey]) {
-        self.pin_records -= keys.len();
-        let (mut seen, mut unpinned, mut unpinned_main) = (0, 0, 0);
-        self.entries.get_many_mut(
-            keys.len(),
-            |i| keys[i],
-            |_, _, e| {
-                seen += 1;
-                e.pins -= 1;
-                if e.pins == 0 {
-                    unpinned += 1;
-                    unpinned_main += usize::from(e.state == State::Main);
-                }
-            },
-        );
-        debug_assert_eq!(seen, keys.len(), "a pinned key has no entry");
+    /// Drops one pin record on each of `pins` (which some lease held and has let go).
+    fn drop_pins(&mut self, pins: &[ItemId]) {
+        self.pin_records -= pins.len();
+        let (mut unpinned, mut unpinned_main) = (0, 0);
+        self.entries.for_ids_mut(pins, |_, e| {
+            e.pins -= 1;
+            if e.pins == 0 {
+                unpinned += 1;
+                unpinned_main += usize::from(e.state == State::Main);
+            }
+        });
         self.pinned_entries -= unpinned;
         self.pinned_main -= unpinned_main;
     }
@@ -503,26 +516,26 @@ impl ShardIndex {
             let over = self.small.len() * 100 > self.slices() * SMALL_QUEUE_PERCENT;
             let main_evictable = self.main.len() > self.pinned_main;
             if !self.small.is_empty() && (over || !main_evictable) {
-                let Some(key) = self.small.pop_front() else { break };
-                let Some(e) = self.entries.get_mut(&key) else { continue };
+                let Some(id) = self.small.pop_front() else { break };
+                let e = self.entries.item_mut(id).1;
                 if e.pins == 0 && e.freq == 0 {
-                    self.evict(key);
+                    self.evict(id);
                     return true;
                 }
                 e.state = State::Main;
                 self.pinned_main += usize::from(e.pins > 0);
-                self.main.push_back(key);
+                self.main.push_back(id);
             } else if main_evictable {
-                let Some(key) = self.main.pop_front() else { break };
-                let Some(e) = self.entries.get_mut(&key) else { continue };
+                let Some(id) = self.main.pop_front() else { break };
+                let e = self.entries.item_mut(id).1;
                 if e.pins == 0 && e.freq == 0 {
-                    self.evict(key);
+                    self.evict(id);
                     return true;
                 }
                 if e.pins == 0 {
                     e.freq -= 1;
                 }
-                self.main.push_back(key);
+                self.main.push_back(id);
             } else {
                 return false;
             }
@@ -531,9 +544,10 @@ impl ShardIndex {
         false
     }
 
-    /// Removes unpinned sealed `key`, frees its slot and remembers it in the ghost queue.
-    fn evict(&mut self, key: SliceKey) {
-        let Some(e) = self.entries.remove(&key) else { return };
+    /// Removes unpinned sealed entry `id` (just taken off its queue), frees its slot and remembers
+    /// its key in the ghost queue.
+    fn evict(&mut self, id: ItemId) {
+        let (key, e) = self.entries.remove_id(id);
         debug_assert!(e.pins == 0 && e.state != State::Writing);
         let freed = self.slab.free(e.slot);
         debug_assert!(freed, "slot of {key:?} was not live");
@@ -565,16 +579,18 @@ impl ShardIndex {
         assert_eq!(writing, self.writing);
         assert_eq!(self.slices() + writing, self.entries.len(), "every sealed entry is queued once");
         for (q, state) in [(&self.small, State::Small), (&self.main, State::Main)] {
-            for k in q {
-                assert_eq!(self.entries[k].state, state, "{k:?} queued in the wrong FIFO");
+            for &id in q {
+                let k = self.entries.key(id);
+                assert_eq!(self.entries.id(k), Some(id));
+                assert_eq!(self.entries.value(id).state, state, "{k:?} queued in the wrong FIFO");
             }
         }
         let mut pins: HashMap<SliceKey, u32> = HashMap::default();
         for (lease, lp) in &self.leases {
-            assert!(!lp.keys.is_empty(), "lease {lease} holds no pin");
+            assert!(!lp.pins.is_empty(), "lease {lease} holds no pin");
             assert!(self.expiry.contains(&(lp.expires_ms, *lease)));
-            for k in &lp.keys {
-                *pins.entry(*k).or_default() += 1;
+            for &id in &lp.pins {
+                *pins.entry(*self.entries.key(id)).or_default() += 1;
             }
         }
         assert_eq!(self.expiry.len(), self.leases.len());
@@ -585,7 +601,7 @@ impl ShardIndex {
             assert!(e.pins == 0 || e.state != State::Writing, "a writing slice is pinned");
         }
         assert_eq!(self.entries.values().filter(|e| e.pins > 0).count(), self.pinned_entries);
-        assert_eq!(self.main.iter().filter(|k| self.entries[*k].pins > 0).count(), self.pinned_main);
+        assert_eq!(self.main.iter().filter(|&&id| self.entries.value(id).pins > 0).count(), self.pinned_main);
         assert!(self.ghost.len() <= self.ghost_cap && self.ghost_seq.len() <= self.ghost.len());
     }
 }
@@ -777,10 +793,11 @@ mod tests {
         for lease in 1..40u64 {
             // Keys repeat (a multiset) and include misses (h >= 60) and writing slices.
             let keys: Vec<(u32, SliceKey)> = (0..rng.below(80)).map(|i| (i as u32, k(rng.below(70)))).collect();
+            // `pin_many` stops at the first key it cannot pin.
             let expect: Vec<(usize, Slot)> = keys
                 .iter()
                 .enumerate()
-                .filter_map(|(i, (_, key))| one.pin(*key, lease, lease * 10).map(|s| (i, s)))
+                .map_while(|(i, (_, key))| one.pin(*key, lease, lease * 10).map(|s| (i, s)))
                 .collect();
             let mut got = Vec::new();
             let n = many.pin_many(lease, lease * 10, keys.len(), |i| keys[i].1, |i, slot| got.push((i, slot)));
@@ -804,6 +821,7 @@ mod tests {
         }
         assert_eq!(ix.pin_many(u64::MAX, 100, 1, |_| k(1), |_, _| panic!("refused")), 0);
         assert_eq!(ix.pin_many(5, 100, 2, |i| k(i as u64 + 1), |i, _| assert_eq!(i, 0)), 1);
+        assert_eq!(ix.pin_many(6, 100, 2, |i| k(i as u64 + 2), |_, _| panic!("k(2) misses")), 0, "stops at once");
         ix.check();
     }
 

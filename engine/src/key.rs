@@ -11,6 +11,7 @@ use std::fmt;
 
 /// A block hash as the inference engine computed it, 1 to [`MAX_HASH_BYTES`] bytes, stored inline.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(C)]
 pub struct BlockHash {
     // Bytes past `len` are always zero, so derived equality and hashing see only the hash.
     bytes: [u8; MAX_HASH_BYTES],
@@ -33,6 +34,12 @@ impl BlockHash {
     /// The hash bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
+    }
+
+    /// How many bytes the hash has (1 to [`MAX_HASH_BYTES`]).
+    #[inline]
+    pub(crate) fn len_byte(&self) -> u8 {
+        self.len
     }
 }
 
@@ -62,7 +69,8 @@ impl From<[u8; MAX_HASH_BYTES]> for BlockHash {
 
 impl BlockHash {
     /// The stored bytes as four little-endian words (bytes past `len` are zero).
-    fn words(&self) -> [u64; 4] {
+    #[inline]
+    pub(crate) fn words(&self) -> [u64; 4] {
         let mut w = [0u64; 4];
         for (i, chunk) in self.bytes.chunks_exact(8).enumerate() {
             let mut b = [0u8; 8];
@@ -94,6 +102,7 @@ impl fmt::Debug for BlockHash {
 
 /// A block: its namespace and its hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(C)]
 pub struct BlockKey {
     /// The namespace the block's bytes belong to.
     pub ns: NamespaceId,
@@ -123,7 +132,13 @@ impl BlockKey {
 }
 
 /// One rank's slice of a block: the unit a shard's index stores.
+///
+/// `repr(C)` here and on [`BlockKey`] and [`BlockHash`]: the fields stay in declaration order,
+/// so the namespace and hash words sit at 8-byte offsets. With Rust's own layout the rank came
+/// first and every word the index's hash read straddled the stores that had just built the key,
+/// which stalled on store forwarding (a third of the cost of probing an in-cache table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(C)]
 pub struct SliceKey {
     /// The block.
     pub block: BlockKey,

@@ -80,6 +80,7 @@ pub enum NamespaceError {
 
 impl NamespaceId {
     /// The id as two little-endian words, for hashing.
+    #[inline]
     pub fn words(&self) -> [u64; 2] {
         let mut lo = [0u8; 8];
         let mut hi = [0u8; 8];

@@ -1,38 +1,64 @@
 //! The hash table under a shard's index: slice keys to entries, built so that a lookup of a
-//! thousand keys can overlap its cache misses.
+//! thousand keys can overlap its cache misses, and so that a stored entry has a stable handle.
 //!
 //! A general-purpose map (std's `HashMap`) takes one or two cache misses per lookup in a table
 //! larger than the CPU's caches, and a loop of lookups waits for each in turn: with a million
 //! slices, pinning a 1,024-hash lookup cost about 220 ns per key on our VM, nearly all of it
-//! waiting on memory. This table is open addressing with linear probing over two parallel arrays:
-//! `hashes` (the key's full 64-bit hash, 0 for an empty slot) and `items` (key and value). A key's
-//! home slot follows from its hash alone, so a batch computes the hashes of keys further down the
-//! batch and [`SliceTable::prefetch`]es their home slots while it works on the current one
-//! ([`SliceTable::get_many_mut`]); with the load kept at most one half, almost every key sits in its
-//! home slot or the next.
+//! waiting on memory. This table is open addressing with linear probing over an array of
+//! *buckets* (the key's 64-bit hash, 0 for an empty bucket, and the index of its item) beside an
+//! array of *items* (key and value). A key's home bucket follows from its hash alone, so a batch
+//! computes the hashes of keys further down the batch and [`SliceTable::prefetch`]es their home
+//! buckets, then their items, while it works on the current key ([`SliceTable::get_many_mut`]);
+//! with the load kept at most one half, almost every key sits in its home bucket or the next.
 //!
-//! Removal shifts the following run of keys back (no tombstones), so lookups never walk over
-//! deleted slots. Hashes are foldhash, seeded per process, so clients cannot aim collisions at it;
-//! a matching hash is always confirmed by comparing the whole key.
+//! Items never move while their key is stored: removal shifts the following run of *buckets* back
+//! (no tombstones, so lookups never walk over deleted buckets) and puts the item on a free list.
+//! An item's index is therefore a handle ([`ItemId`]) the caller may keep, for instance in a
+//! lease's pin list, and use later without hashing or comparing the key again
+//! ([`SliceTable::for_ids_mut`]); it stays valid until its key is removed.
+//!
+//! Hashes are keyed with random words drawn per table, so clients cannot aim collisions at it; a
+//! matching hash is always confirmed by comparing the whole key. The hash is three independent
+//! folded multiplies of the key's words and one more to combine them (the construction of
+//! foldhash and wyhash), written for this one key shape: a quarter of the cost of feeding the
+//! key's fields to a general `Hasher` one by one.
 
 use crate::key::SliceKey;
 use std::hash::BuildHasher;
 
-/// Slots of a new table.
-const MIN_SLOTS: usize = 16;
-/// Keys looked ahead in [`SliceTable::get_many_mut`]: enough misses in flight to cover memory
-/// latency, few enough that the prefetched lines are still in L1 when their turn comes.
+/// Buckets of a new table.
+const MIN_BUCKETS: usize = 16;
+/// Keys looked ahead in [`SliceTable::get_many_mut`]: their home buckets are requested from
+/// memory this many keys before their turn: enough misses in flight to cover memory latency, few
+/// enough that the lines are still in L1 when their turn comes.
 const PREFETCH_DISTANCE: usize = 16;
+/// Keys whose items are requested this many keys before their turn (their buckets, requested
+/// [`PREFETCH_DISTANCE`] keys before, have arrived by then and say where the item is).
+const ITEM_PREFETCH_DISTANCE: usize = 8;
+
+/// A stored key's item: valid from the insert that returned it until the key is removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ItemId(u32);
+
+/// One bucket: a key's hash (0: empty) and where its item is.
+#[derive(Debug, Clone, Copy, Default)]
+struct Bucket {
+    hash: u64,
+    item: u32,
+}
 
 /// Slice keys to `V`; see the module doc.
 #[derive(Clone)]
 pub struct SliceTable<V> {
-    /// Per slot: the key's hash (never 0), or 0 when the slot is empty.
-    hashes: Vec<u64>,
-    /// Per slot: the key and its value, `Some` exactly where `hashes` is not 0.
+    /// Power-of-two many buckets, at most half of them used.
+    buckets: Vec<Bucket>,
+    /// Items by [`ItemId`]: `Some` exactly for the ids some bucket points to.
     items: Vec<Option<(SliceKey, V)>>,
+    /// Ids of the `None` items, reused before `items` grows.
+    free: Vec<u32>,
     len: usize,
-    hasher: foldhash::fast::RandomState,
+    /// Random words the hash is keyed with.
+    seeds: [u64; 8],
 }
 
 impl<V: std::fmt::Debug> std::fmt::Debug for SliceTable<V> {
@@ -47,15 +73,21 @@ impl<V> Default for SliceTable<V> {
     }
 }
 
+/// The 128-bit product of `a` and `b` with its halves xored together: every bit of the result
+/// depends on every bit of both inputs.
+#[inline(always)]
+fn fold(a: u64, b: u64) -> u64 {
+    let p = u128::from(a) * u128::from(b);
+    (p as u64) ^ ((p >> 64) as u64)
+}
+
 impl<V> SliceTable<V> {
     /// An empty table.
     pub fn new() -> Self {
-        Self {
-            hashes: vec![0; MIN_SLOTS],
-            items: (0..MIN_SLOTS).map(|_| None).collect(),
-            len: 0,
-            hasher: foldhash::fast::RandomState::default(),
-        }
+        // std's `RandomState` is seeded from the OS per process and varied per instance.
+        let state = std::collections::hash_map::RandomState::new();
+        let seeds = std::array::from_fn(|i| state.hash_one(i as u64) | 1);
+        Self { buckets: vec![Bucket::default(); MIN_BUCKETS], items: Vec::new(), free: Vec::new(), len: 0, seeds }
     }
 
     /// Keys stored.
@@ -71,56 +103,78 @@ impl<V> SliceTable<V> {
     /// The hash the table files `key` under (never 0).
     #[inline]
     pub fn hash(&self, key: &SliceKey) -> u64 {
-        self.hasher.hash_one(key).max(1)
+        let s = &self.seeds;
+        let [n0, n1] = key.block.ns.words();
+        let [h0, h1, h2, h3] = key.block.hash.words();
+        let tail = u64::from(key.block.hash.len_byte()) | u64::from(key.rank) << 8;
+        let a = fold(h0 ^ s[0], h1 ^ s[1]);
+        let b = fold(h2 ^ s[2], h3 ^ s[3]);
+        let c = fold(n0 ^ s[4], n1 ^ s[5]);
+        fold(a ^ c ^ s[6], b ^ tail ^ s[7]).max(1)
     }
 
     #[inline]
     fn mask(&self) -> usize {
-        self.hashes.len() - 1
+        self.buckets.len() - 1
     }
 
-    /// The slot holding `key`, whose hash is `hash`.
+    /// The bucket holding `key`, whose hash is `hash`.
     #[inline]
     fn find(&self, hash: u64, key: &SliceKey) -> Option<usize> {
         let mask = self.mask();
         let mut i = hash as usize & mask;
         loop {
-            match self.hashes[i] {
+            let b = self.buckets[i];
+            match b.hash {
                 0 => return None,
-                h if h == hash && self.items[i].as_ref().is_some_and(|(k, _)| k == key) => return Some(i),
+                h if h == hash && self.items[b.item as usize].as_ref().is_some_and(|(k, _)| k == key) => {
+                    return Some(i)
+                }
                 _ => i = (i + 1) & mask,
             }
         }
     }
 
-    /// Asks the CPU to start loading the home slot of a key with hash `hash`, so that a lookup of
-    /// it a little later finds the slot in cache. Has no other effect.
+    /// Asks the CPU to start loading the home bucket of a key with hash `hash`, so that a lookup
+    /// of it a little later finds the bucket in cache. Has no other effect.
     #[inline]
     pub fn prefetch(&self, hash: u64) {
-        let i = hash as usize & self.mask();
-        prefetch_read((&self.hashes[i] as *const u64).cast());
-        // An item may span two cache lines; ask for both.
-        let item = (&self.items[i] as *const Option<(SliceKey, V)>).cast::<u8>();
-        prefetch_read(item);
-        prefetch_read(item.wrapping_add(size_of::<Option<(SliceKey, V)>>() - 1));
+        prefetch_read((&self.buckets[hash as usize & self.mask()] as *const Bucket).cast());
+    }
+
+    /// Asks the CPU to start loading the item of the key with hash `hash` if its home bucket
+    /// (already in cache, ideally) holds it. Has no other effect.
+    #[inline]
+    fn prefetch_item(&self, hash: u64) {
+        let b = self.buckets[hash as usize & self.mask()];
+        if b.hash == hash {
+            self.prefetch_id(b.item);
+        }
+    }
+
+    /// Asks the CPU to start loading item `id` (both cache lines it may span).
+    #[inline]
+    fn prefetch_id(&self, id: u32) {
+        if let Some(item) = self.items.get(id as usize) {
+            let at = (item as *const Option<(SliceKey, V)>).cast::<u8>();
+            prefetch_read(at);
+            prefetch_read(at.wrapping_add(size_of::<Option<(SliceKey, V)>>() - 1));
+        }
+    }
+
+    /// The id of `key`'s item.
+    pub fn id(&self, key: &SliceKey) -> Option<ItemId> {
+        self.find(self.hash(key), key).map(|i| ItemId(self.buckets[i].item))
     }
 
     /// The value of `key`.
     pub fn get(&self, key: &SliceKey) -> Option<&V> {
-        let i = self.find(self.hash(key), key)?;
-        self.items[i].as_ref().map(|(_, v)| v)
+        self.id(key).map(|id| self.value(id))
     }
 
     /// The value of `key`, to change.
     pub fn get_mut(&mut self, key: &SliceKey) -> Option<&mut V> {
-        self.get_mut_hashed(self.hash(key), key)
-    }
-
-    /// The value of `key`, whose hash ([`SliceTable::hash`]) is `hash`, to change.
-    #[inline]
-    pub fn get_mut_hashed(&mut self, hash: u64, key: &SliceKey) -> Option<&mut V> {
-        let i = self.find(hash, key)?;
-        self.items[i].as_mut().map(|(_, v)| v)
+        self.id(key).map(|id| self.item_mut(id).1)
     }
 
     /// Whether `key` is stored.
@@ -128,15 +182,40 @@ impl<V> SliceTable<V> {
         self.find(self.hash(key), key).is_some()
     }
 
-    /// Calls `each(i, &key, value)` for every `i` in `0..count` whose key `key_at(i)` is stored,
-    /// in order, with the home slots of the keys [`PREFETCH_DISTANCE`] ahead already requested
-    /// from memory, so the lookups' cache misses overlap instead of following one another.
-    pub fn get_many_mut(
+    /// The key of item `id`.
+    ///
+    /// # Panics
+    /// When `id`'s key has been removed (a stale id is a bug in the caller).
+    pub fn key(&self, id: ItemId) -> &SliceKey {
+        &self.live(id).0
+    }
+
+    /// The value of item `id`. Panics as [`SliceTable::key`] does.
+    pub fn value(&self, id: ItemId) -> &V {
+        &self.live(id).1
+    }
+
+    /// The key and value of item `id`, the value to change. Panics as [`SliceTable::key`] does.
+    pub fn item_mut(&mut self, id: ItemId) -> (&SliceKey, &mut V) {
+        let (k, v) = self.items[id.0 as usize].as_mut().expect("an item id outlived its key");
+        (k, v)
+    }
+
+    fn live(&self, id: ItemId) -> &(SliceKey, V) {
+        self.items[id.0 as usize].as_ref().expect("an item id outlived its key")
+    }
+
+    /// Calls `each(i, id, &key, value)` for `i` in `0..count`, in order, while key `key_at(i)` is
+    /// stored and `each` returns true; returns how many calls returned true (the keys of
+    /// `0..returned` were all stored and accepted). The buckets and items of the keys ahead are
+    /// requested from memory before their turn, so the lookups' cache misses overlap instead of
+    /// following one another.
+    pub fn get_prefix_mut(
         &mut self,
         count: usize,
         key_at: impl Fn(usize) -> SliceKey,
-        mut each: impl FnMut(usize, &SliceKey, &mut V),
-    ) {
+        mut each: impl FnMut(usize, ItemId, &SliceKey, &mut V) -> bool,
+    ) -> usize {
         // Hashes of the keys ahead, by `i % PREFETCH_DISTANCE`; a key is built again when its turn
         // comes (a copy, cheaper than keeping it).
         let mut ahead = [0u64; PREFETCH_DISTANCE];
@@ -151,85 +230,133 @@ impl<V> SliceTable<V> {
                 ahead[i % PREFETCH_DISTANCE] = h;
                 self.prefetch(h);
             }
-            let key = key_at(i);
-            if let Some(v) = self.get_mut_hashed(hash, &key) {
-                each(i, &key, v);
+            if i + ITEM_PREFETCH_DISTANCE < count {
+                self.prefetch_item(ahead[(i + ITEM_PREFETCH_DISTANCE) % PREFETCH_DISTANCE]);
             }
+            let key = key_at(i);
+            let Some(b) = self.find(hash, &key) else { return i };
+            let id = self.buckets[b].item;
+            let Some((k, v)) = self.items[id as usize].as_mut() else { return i };
+            if !each(i, ItemId(id), k, v) {
+                return i;
+            }
+        }
+        count
+    }
+
+    /// Calls `each(&key, value)` for the item of every id in `ids`, in order (an id may repeat),
+    /// with the items ahead already requested from memory. No hashing, no key comparison.
+    ///
+    /// # Panics
+    /// When an id's key has been removed, as [`SliceTable::key`] does.
+    pub fn for_ids_mut(&mut self, ids: &[ItemId], mut each: impl FnMut(&SliceKey, &mut V)) {
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(ahead) = ids.get(i + PREFETCH_DISTANCE) {
+                self.prefetch_id(ahead.0);
+            }
+            let (k, v) = self.item_mut(*id);
+            each(k, v);
         }
     }
 
-    /// Stores `value` under `key`; returns the value it replaces.
-    pub fn insert(&mut self, key: SliceKey, value: V) -> Option<V> {
+    /// Stores `value` under `key`; returns the key's item id and the value it replaces.
+    ///
+    /// # Panics
+    /// When the table would hold more than `u32::MAX` keys (callers bound it far below).
+    pub fn insert(&mut self, key: SliceKey, value: V) -> (ItemId, Option<V>) {
         let hash = self.hash(&key);
-        if let Some(i) = self.find(hash, &key) {
-            return self.items[i].replace((key, value)).map(|(_, v)| v);
+        if let Some(b) = self.find(hash, &key) {
+            let id = self.buckets[b].item;
+            let old = self.items[id as usize].replace((key, value)).map(|(_, v)| v);
+            return (ItemId(id), old);
         }
-        if 2 * (self.len + 1) > self.hashes.len() {
+        if 2 * (self.len + 1) > self.buckets.len() {
             self.grow();
         }
-        self.place(hash, key, value);
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.items[id as usize] = Some((key, value));
+                id
+            }
+            None => {
+                let id = u32::try_from(self.items.len()).expect("a slice table holds at most u32::MAX keys");
+                self.items.push(Some((key, value)));
+                id
+            }
+        };
+        self.place(Bucket { hash, item: id });
         self.len += 1;
-        None
+        (ItemId(id), None)
     }
 
-    /// Puts a key known to be absent into the first free slot of its run.
-    fn place(&mut self, hash: u64, key: SliceKey, value: V) {
+    /// Puts a bucket whose key is absent into the first free bucket of its run.
+    fn place(&mut self, bucket: Bucket) {
         let mask = self.mask();
-        let mut i = hash as usize & mask;
-        while self.hashes[i] != 0 {
+        let mut i = bucket.hash as usize & mask;
+        while self.buckets[i].hash != 0 {
             i = (i + 1) & mask;
         }
-        self.hashes[i] = hash;
-        self.items[i] = Some((key, value));
+        self.buckets[i] = bucket;
     }
 
-    /// Doubles the slots and files every key again.
+    /// Doubles the buckets and files every key again; items stay where they are.
     fn grow(&mut self) {
-        let slots = self.hashes.len() * 2;
-        let hashes = std::mem::replace(&mut self.hashes, vec![0; slots]);
-        let items = std::mem::replace(&mut self.items, (0..slots).map(|_| None).collect());
-        for (hash, item) in hashes.into_iter().zip(items) {
-            if let Some((key, value)) = item {
-                self.place(hash, key, value);
-            }
+        let n = self.buckets.len() * 2;
+        let old = std::mem::replace(&mut self.buckets, vec![Bucket::default(); n]);
+        for b in old.into_iter().filter(|b| b.hash != 0) {
+            self.place(b);
         }
     }
 
     /// Removes `key`; returns its value.
     pub fn remove(&mut self, key: &SliceKey) -> Option<V> {
+        let b = self.find(self.hash(key), key)?;
+        Some(self.remove_bucket(b).1)
+    }
+
+    /// Removes the key of item `id`; returns its key and value. Panics as [`SliceTable::key`]
+    /// does.
+    pub fn remove_id(&mut self, id: ItemId) -> (SliceKey, V) {
+        let key = *self.key(id);
+        let b = self.find(self.hash(&key), &key).expect("a stored key has a bucket");
+        self.remove_bucket(b)
+    }
+
+    /// Empties bucket `hole` and frees its item.
+    fn remove_bucket(&mut self, mut hole: usize) -> (SliceKey, V) {
         let mask = self.mask();
-        let mut hole = self.find(self.hash(key), key)?;
-        let (_, value) = self.items[hole].take()?;
-        self.hashes[hole] = 0;
+        let id = self.buckets[hole].item;
+        let item = self.items[id as usize].take().expect("a used bucket points to a live item");
+        self.free.push(id);
+        self.buckets[hole] = Bucket::default();
         self.len -= 1;
-        // Backward shift: a later key of the run moves into the hole unless its home lies
+        // Backward shift: a later bucket of the run moves into the hole unless its home lies
         // cyclically after the hole (then it is already as close to home as it can be).
         let mut j = (hole + 1) & mask;
-        while self.hashes[j] != 0 {
-            let home = self.hashes[j] as usize & mask;
+        while self.buckets[j].hash != 0 {
+            let home = self.buckets[j].hash as usize & mask;
             let dist_home = j.wrapping_sub(home) & mask;
             let dist_hole = j.wrapping_sub(hole) & mask;
             if dist_home >= dist_hole {
-                self.hashes[hole] = std::mem::take(&mut self.hashes[j]);
-                self.items[hole] = self.items[j].take();
+                self.buckets[hole] = std::mem::take(&mut self.buckets[j]);
                 hole = j;
             }
             j = (j + 1) & mask;
         }
-        Some(value)
+        item
     }
 
-    /// Every key and value, in slot order.
+    /// Every key and value, in item order.
     pub fn iter(&self) -> impl Iterator<Item = (&SliceKey, &V)> {
         self.items.iter().filter_map(|item| item.as_ref().map(|(k, v)| (k, v)))
     }
 
-    /// Every key, in slot order.
+    /// Every key, in item order.
     pub fn keys(&self) -> impl Iterator<Item = &SliceKey> {
         self.iter().map(|(k, _)| k)
     }
 
-    /// Every value, in slot order.
+    /// Every value, in item order.
     pub fn values(&self) -> impl Iterator<Item = &V> {
         self.iter().map(|(_, v)| v)
     }
@@ -269,9 +396,10 @@ mod tests {
     fn insert_get_remove() {
         let mut t = SliceTable::new();
         assert!(t.is_empty() && t.get(&slice(1, 1, 0)).is_none());
-        assert_eq!(t.insert(slice(1, 1, 0), 10), None);
-        assert_eq!(t.insert(slice(1, 1, 1), 11), None, "another rank is another key");
-        assert_eq!(t.insert(slice(1, 1, 0), 12), Some(10), "replaced");
+        let (a, old) = t.insert(slice(1, 1, 0), 10);
+        assert_eq!(old, None);
+        assert_eq!(t.insert(slice(1, 1, 1), 11).1, None, "another rank is another key");
+        assert_eq!(t.insert(slice(1, 1, 0), 12), (a, Some(10)), "replaced in the same item");
         assert_eq!((t.len(), t[&slice(1, 1, 0)], t[&slice(1, 1, 1)]), (2, 12, 11));
         *t.get_mut(&slice(1, 1, 1)).unwrap() += 1;
         assert_eq!(t.remove(&slice(1, 1, 1)), Some(12));
@@ -290,7 +418,7 @@ mod tests {
         for step in 0..200_000u64 {
             let key = slice((rng.next_u64() % 3) as u8, rng.next_u64() % 3000, (rng.next_u64() % 2) as u16);
             match rng.next_u64() % 4 {
-                0 | 1 => assert_eq!(t.insert(key, step), model.insert(key, step)),
+                0 | 1 => assert_eq!(t.insert(key, step).1, model.insert(key, step)),
                 2 => assert_eq!(t.remove(&key), model.remove(&key)),
                 _ => assert_eq!(t.get(&key), model.get(&key)),
             }
@@ -300,30 +428,76 @@ mod tests {
                     assert_eq!(t.get(k), Some(v));
                 }
                 assert_eq!(t.iter().count(), model.len());
-                assert!(2 * t.len() <= t.hashes.len(), "load stays at most one half");
+                assert!(2 * t.len() <= t.buckets.len(), "load stays at most one half");
+                assert_eq!(t.items.len(), t.len() + t.free.len(), "every item is live or free");
             }
         }
     }
 
     #[test]
-    fn batch_lookup_finds_exactly_the_stored_keys_in_order() {
+    fn prefix_lookup_stops_at_the_first_absent_or_refused_key() {
         let mut t = SliceTable::new();
-        for h in (0..1000).step_by(2) {
-            t.insert(slice(1, h, 0), h);
+        for h in 0..1000 {
+            if h != 700 {
+                t.insert(slice(1, h, 0), h);
+            }
         }
         let keys: Vec<_> = (0..1000).map(|h| slice(1, h, 0)).collect();
+        let ids: HashMap<SliceKey, ItemId> = t.iter().map(|(k, _)| (*k, t.id(k).unwrap())).collect();
         let mut seen = Vec::new();
-        t.get_many_mut(
+        let n = t.get_prefix_mut(
             keys.len(),
             |i| keys[i],
-            |i, key, v| {
-                assert_eq!(*key, keys[i]);
+            |i, id, key, v| {
+                assert_eq!((*key, id), (keys[i], ids[&keys[i]]));
                 *v += 1;
-                seen.push(i as u64);
+                seen.push(i);
+                true
             },
         );
-        assert_eq!(seen, (0..1000).step_by(2).collect::<Vec<_>>());
-        assert_eq!(t[&slice(1, 10, 0)], 11, "values changed in place");
-        t.get_many_mut(0, |_| unreachable!(), |_, _, _| panic!("no keys, no calls"));
+        assert_eq!((n, seen), (700, (0..700).collect::<Vec<_>>()), "stops at the absent key 700");
+        assert_eq!((t[&slice(1, 10, 0)], t[&slice(1, 800, 0)]), (11, 800), "values changed in place, up to it");
+        let n = t.get_prefix_mut(keys.len(), |i| keys[i], |i, _, _, _| i < 5);
+        assert_eq!(n, 5, "stops where `each` refuses");
+        assert_eq!(t.get_prefix_mut(0, |_| unreachable!(), |_, _, _, _| panic!("no keys, no calls")), 0);
+    }
+
+    /// An item id keeps naming its key while other keys come and go and the buckets grow, and a
+    /// freed id is reused only for a new key.
+    #[test]
+    fn ids_are_stable_until_their_key_goes() {
+        let mut rng = SplitMix64::new(11);
+        let mut t = SliceTable::new();
+        let mut ids: HashMap<SliceKey, ItemId> = HashMap::new();
+        for step in 0..100_000u64 {
+            let key = slice(1, rng.next_u64() % 5000, 0);
+            if rng.next_u64() % 3 == 0 {
+                if let Some(id) = ids.remove(&key) {
+                    let value = *t.value(id);
+                    assert_eq!(t.remove_id(id), (key, value));
+                    assert_eq!(t.id(&key), None);
+                }
+            } else if let Some(&id) = ids.get(&key) {
+                assert_eq!(t.insert(key, step).0, id);
+            } else {
+                let (id, old) = t.insert(key, step);
+                assert_eq!(old, None);
+                assert!(!ids.values().any(|&other| other == id), "a live id was handed out again");
+                ids.insert(key, id);
+            }
+            if step % 10_000 == 0 {
+                for (k, &id) in &ids {
+                    assert_eq!((t.key(id), t.id(k)), (k, Some(id)));
+                }
+            }
+        }
+        // `for_ids_mut` reaches the same items, repeats included.
+        let some: Vec<ItemId> = ids.values().copied().take(100).chain(ids.values().copied().take(3)).collect();
+        let mut seen = Vec::new();
+        t.for_ids_mut(&some, |k, v| {
+            *v += 1;
+            seen.push(*k);
+        });
+        assert_eq!(seen, some.iter().map(|&id| *t.key(id)).collect::<Vec<_>>());
     }
 }

@@ -155,8 +155,9 @@ impl ShardCtx {
         }
     }
 
-    /// Pins the sealed slices `key_at(0..count)` under `lease`, in order, calls `found(i)` for
-    /// each one pinned, and counts hits and misses.
+    /// Pins the sealed slices `key_at(0..count)` under `lease`, in order, up to the first it
+    /// cannot pin (the rest cannot be in the lookup's leading hits), calls `found(i)` for each one
+    /// pinned, and counts hits and misses (the slices not pinned).
     fn probe(
         &self,
         lease: u64,
@@ -497,7 +498,6 @@ pub(crate) async fn lookup(
     let single = ctx.shard_count() == 1;
     let owners: Vec<ShardId> =
         if single { Vec::new() } else { hashes.iter().map(|&hash| ctx.block_owner(&BlockKey { ns, hash })).collect() };
-    let owner = |pos: usize| if single { ctx.id } else { owners[pos] };
     let slice = |hash: BlockHash, rank: u32| SliceKey { block: BlockKey { ns, hash }, rank: rank as u16 };
 
     let mut remote: BTreeMap<ShardId, Vec<(u32, SliceKey)>> = BTreeMap::new();
@@ -515,7 +515,10 @@ pub(crate) async fn lookup(
     // the positions it owns; `ranks` slices per position.
     let mut found = vec![0u32; n];
     let per = ranks.max(1) as usize;
-    if single {
+    if single && per == 1 {
+        // The common case, without the divisions below (they cost as much as a probe).
+        ctx.probe(lease, expires_ms, n, |i| slice(hashes[i], 0), |i| found[i] += 1);
+    } else if single {
         ctx.probe(lease, expires_ms, n * per, |i| slice(hashes[i / per], (i % per) as u32), |i| found[i / per] += 1);
     } else {
         let mine: Vec<u32> = (0..n as u32).filter(|&pos| owners[pos as usize] == ctx.id).collect();
@@ -540,14 +543,13 @@ pub(crate) async fn lookup(
 
     // Pins beyond the prefix protect nothing the client can load: drop them now. Each owner
     // pinned in request order, so its pins in the prefix are its first ones.
-    let mut tally = vec![(0usize, 0usize); ctx.shard_count()]; // (pins kept, pins taken) per owner
-    for (pos, &count) in found.iter().enumerate().filter(|(_, &count)| count > 0) {
-        let t = &mut tally[owner(pos)];
-        t.1 += count as usize;
-        if pos < hits {
-            t.0 += count as usize;
-        }
-    }
+    let tally = if single {
+        let mut tally = vec![(0, 0); ctx.shard_count()];
+        tally[ctx.id] = (hits * ranks as usize, found.iter().map(|&n| n as usize).sum());
+        tally
+    } else {
+        tally_pins(&found, hits, ctx.shard_count(), |pos| owners[pos])
+    };
     let mut kept_owners = Vec::new();
     for (shard, &(keep, taken)) in tally.iter().enumerate() {
         if keep > 0 {
@@ -575,6 +577,21 @@ pub(crate) async fn lookup(
     }
     ctx.lease_owners.borrow_mut().insert(lease, kept_owners);
     Ok((hits as u32, lease))
+}
+
+/// Per owner shard, the pins a lookup keeps (those of positions before `hits`) and the pins it
+/// took, from the pins taken per position (`found`) and each position's owner. A plain function
+/// rather than a loop in the async lookup, so its counters stay in registers.
+fn tally_pins(found: &[u32], hits: usize, shards: usize, owner: impl Fn(usize) -> ShardId) -> Vec<(usize, usize)> {
+    let mut tally = vec![(0usize, 0usize); shards];
+    for (pos, &count) in found.iter().enumerate().filter(|(_, &count)| count > 0) {
+        let t = &mut tally[owner(pos)];
+        t.1 += count as usize;
+        if pos < hits {
+            t.0 += count as usize;
+        }
+    }
+    tally
 }
 
 /// An inference process's registered KV memory.
