@@ -6,10 +6,19 @@
 
 /// The splitmix64 output function: a bijective mixer of 64-bit words in which every input bit
 /// affects every output bit. Used to spread low-entropy values (counters, short hashes).
-pub fn mix64(mut x: u64) -> u64 {
+pub const fn mix64(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
+}
+
+/// The 128-bit product of `a` and `b` with its two halves xored together (the "folded multiply"
+/// of foldhash and wyhash): every bit of the result depends on every bit of both inputs, for one
+/// multiplication.
+#[inline(always)]
+pub const fn fold_mul(a: u64, b: u64) -> u64 {
+    let p = (a as u128) * (b as u128);
+    (p as u64) ^ ((p >> 64) as u64)
 }
 
 /// The splitmix64 generator: a counter stepped by the golden-ratio increment and passed through

@@ -24,6 +24,7 @@
 //! key's fields to a general `Hasher` one by one.
 
 use crate::key::SliceKey;
+use crate::rng::fold_mul as fold;
 use std::hash::BuildHasher;
 
 /// Buckets of a new table.
@@ -71,14 +72,6 @@ impl<V> Default for SliceTable<V> {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// The 128-bit product of `a` and `b` with its halves xored together: every bit of the result
-/// depends on every bit of both inputs.
-#[inline(always)]
-fn fold(a: u64, b: u64) -> u64 {
-    let p = u128::from(a) * u128::from(b);
-    (p as u64) ^ ((p >> 64) as u64)
 }
 
 impl<V> SliceTable<V> {

@@ -500,13 +500,13 @@ pub(crate) async fn lookup(
         if single { Vec::new() } else { hashes.iter().map(|&hash| ctx.block_owner(&BlockKey { ns, hash })).collect() };
     let slice = |hash: BlockHash, rank: u32| SliceKey { block: BlockKey { ns, hash }, rank: rank as u16 };
 
-    let mut remote: BTreeMap<ShardId, Vec<(u32, SliceKey)>> = BTreeMap::new();
+    // A vector per shard, not a map probe per hash.
+    let mut remote: Vec<Vec<(u32, SliceKey)>> = (0..ctx.shard_count()).map(|_| Vec::new()).collect();
     for (pos, &shard) in owners.iter().enumerate().filter(|(_, &shard)| shard != ctx.id) {
-        let keys = remote.entry(shard).or_default();
-        keys.extend((0..ranks).map(|rank| (pos as u32, slice(hashes[pos], rank))));
+        remote[shard].extend((0..ranks).map(|rank| (pos as u32, slice(hashes[pos], rank))));
     }
-    let mut pending = Vec::with_capacity(remote.len());
-    for (shard, keys) in remote {
+    let mut pending = Vec::new();
+    for (shard, keys) in remote.into_iter().enumerate().filter(|(_, keys)| !keys.is_empty()) {
         let (reply, rx) = flume::bounded(1);
         ctx.tell(shard, MeshMsg::Owner(OwnerOp::Probe { lease, expires_ms, keys, reply })).await;
         pending.push((shard, rx));
@@ -520,6 +520,15 @@ pub(crate) async fn lookup(
         ctx.probe(lease, expires_ms, n, |i| slice(hashes[i], 0), |i| found[i] += 1);
     } else if single {
         ctx.probe(lease, expires_ms, n * per, |i| slice(hashes[i / per], (i % per) as u32), |i| found[i / per] += 1);
+    } else if per == 1 {
+        let mine: Vec<u32> = (0..n as u32).filter(|&pos| owners[pos as usize] == ctx.id).collect();
+        ctx.probe(
+            lease,
+            expires_ms,
+            mine.len(),
+            |i| slice(hashes[mine[i] as usize], 0),
+            |i| found[mine[i] as usize] += 1,
+        );
     } else {
         let mine: Vec<u32> = (0..n as u32).filter(|&pos| owners[pos as usize] == ctx.id).collect();
         ctx.probe(
