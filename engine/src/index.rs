@@ -26,10 +26,11 @@
 //! Bounds: `max_entries` entries (writing and sealed), a ghost queue of [`GHOST_PERCENT`] of that,
 //! [`MAX_LEASES_PER_SHARD`] leases holding pins and [`MAX_PINS_PER_SHARD`] pin records.
 
-use crate::key::SliceKey;
+use crate::key::{BlockHash, SliceKey};
 use crate::limits::{
     EXPIRE_BATCH_LEASES, FREQ_MAX, GHOST_PERCENT, MAX_LEASES_PER_SHARD, MAX_PINS_PER_SHARD, SMALL_QUEUE_PERCENT,
 };
+use crate::namespace::NamespaceId;
 use crate::slab::{SlabAllocator, Slot};
 use crate::table::{ItemId, SliceTable};
 use std::collections::{BTreeSet, VecDeque};
@@ -280,19 +281,21 @@ impl ShardIndex {
         Some(e.slot)
     }
 
-    /// Pins, in order, the sealed slices `key_at(0)`, `key_at(1)`, ... for `lease`, as
+    /// Pins, in order, the sealed slices of namespace `ns` whose block hash and rank are
+    /// `key_at(0)`, `key_at(1)`, ... for `lease`, as
     /// [`ShardIndex::pin`] does one by one, and calls `found(i, slot)` for each one pinned, up to
     /// the first it cannot pin (absent, being written, or a bound reached); returns how many it
     /// pinned, all of `0..returned`. A lookup answers with its leading run of hits, so nothing
     /// after a miss could be loaded and is not worth probing. One call looks the lease up once and
     /// overlaps the index's cache misses (see [`SliceTable::get_prefix_mut`]), which is what makes
     /// a 1,024-hash lookup cheap.
-    pub fn pin_many(
+    pub fn pin_many<'h>(
         &mut self,
         lease: u64,
         expires_ms: u64,
+        ns: NamespaceId,
         count: usize,
-        key_at: impl Fn(usize) -> SliceKey,
+        key_at: impl Fn(usize) -> (&'h BlockHash, u16),
         mut found: impl FnMut(usize, Slot),
     ) -> usize {
         let room = MAX_PINS_PER_SHARD.saturating_sub(self.pin_records);
@@ -305,11 +308,14 @@ impl ShardIndex {
         // The lease's list, or a new one: ids are pushed straight onto it.
         let lp = self.leases.entry(lease).or_insert_with(|| LeasePins { expires_ms, pins: Vec::new() });
         let before = lp.pins.len();
-        let limit = before + room;
-        lp.pins.reserve(count.min(room));
+        // Each key pinned adds one pin and the walk stops at the first key not pinned, so
+        // walking at most `room` keys keeps the bound.
+        let count = count.min(room);
+        lp.pins.reserve(count);
+        let pins = &mut lp.pins;
         let (mut newly_pinned, mut newly_pinned_main) = (0, 0);
-        self.entries.get_prefix_mut(count, key_at, |i, id, _, e| {
-            if e.state == State::Writing || lp.pins.len() >= limit {
+        self.entries.get_prefix_mut(ns, count, key_at, |i, id, e| {
+            if e.state == State::Writing {
                 return false;
             }
             if e.pins == 0 {
@@ -318,7 +324,7 @@ impl ShardIndex {
             }
             e.pins += 1;
             e.freq = (e.freq + 1).min(FREQ_MAX);
-            lp.pins.push(id);
+            pins.push(id);
             found(i, e.slot);
             true
         });
@@ -622,6 +628,9 @@ mod tests {
         slice(1, h, 0)
     }
 
+    /// The namespace of every [`k`] key.
+    const NS: NamespaceId = NamespaceId([1; 16]);
+
     /// Reserves and seals `key`, which must be new.
     fn put(ix: &mut ShardIndex, key: SliceKey) {
         assert!(matches!(ix.reserve(key, SZ), Ok(Reserved::Slot(_))), "{key:?}");
@@ -800,9 +809,10 @@ mod tests {
                 .map_while(|(i, (_, key))| one.pin(*key, lease, lease * 10).map(|s| (i, s)))
                 .collect();
             let mut got = Vec::new();
-            let n = many.pin_many(lease, lease * 10, keys.len(), |i| keys[i].1, |i, slot| got.push((i, slot)));
+            let at = |i: usize| (&keys[i].1.block.hash, keys[i].1.rank);
+            let n = many.pin_many(lease, lease * 10, NS, keys.len(), at, |i, slot| got.push((i, slot)));
             assert_eq!((n, &got), (expect.len(), &expect), "lease {lease}");
-            assert_eq!(many.pin_many(lease, 0, 0, |_| unreachable!(), |_, _| panic!()), 0);
+            assert_eq!(many.pin_many(lease, 0, NS, 0, |_| unreachable!(), |_, _| panic!()), 0);
             if lease % 3 == 0 {
                 assert_eq!(one.truncate_pins(lease, 2), many.truncate_pins(lease, 2));
             }
@@ -819,9 +829,12 @@ mod tests {
         for lease in 0..MAX_LEASES_PER_SHARD as u64 {
             assert!(ix.pin(k(1), lease, 100).is_some());
         }
-        assert_eq!(ix.pin_many(u64::MAX, 100, 1, |_| k(1), |_, _| panic!("refused")), 0);
-        assert_eq!(ix.pin_many(5, 100, 2, |i| k(i as u64 + 1), |i, _| assert_eq!(i, 0)), 1);
-        assert_eq!(ix.pin_many(6, 100, 2, |i| k(i as u64 + 2), |_, _| panic!("k(2) misses")), 0, "stops at once");
+        let keys: Vec<SliceKey> = (0..4).map(k).collect();
+        let keys = &keys;
+        let from = |first: usize| move |i: usize| (&keys[first + i].block.hash, keys[first + i].rank);
+        assert_eq!(ix.pin_many(u64::MAX, 100, NS, 1, from(1), |_, _| panic!("refused")), 0);
+        assert_eq!(ix.pin_many(5, 100, NS, 2, from(1), |i, _| assert_eq!(i, 0)), 1);
+        assert_eq!(ix.pin_many(6, 100, NS, 2, from(2), |_, _| panic!("k(2) misses")), 0, "stops at once");
         ix.check();
     }
 

@@ -195,6 +195,50 @@ pub fn encode(out: &mut Vec<u8>, kind: FrameKind, request_id: u64, body: &[u8]) 
     out.extend_from_slice(body);
 }
 
+/// Appends a `lookup` request frame whose hashes are packed: the bytes `encode` would write for
+/// `to_body(&Request::Lookup(Lookup { hashes: vec![], packed: Some(..) }))`, without building the
+/// request first, so each hash is copied once, straight into `out`. `None` (and `out` unchanged)
+/// unless every hash has one length of 1 to [`MAX_HASH_BYTES`] bytes; send the list form then.
+pub fn encode_packed_lookup<'a, I>(out: &mut Vec<u8>, request_id: u64, hashes: I) -> Option<()>
+where
+    I: IntoIterator<Item = &'a [u8]>,
+    I::IntoIter: Clone,
+{
+    let hashes = hashes.into_iter();
+    let mut lengths = hashes.clone().map(<[u8]>::len);
+    let hash_bytes = lengths.next().unwrap_or(0);
+    if !(1..=MAX_HASH_BYTES).contains(&hash_bytes) || lengths.any(|l| l != hash_bytes) {
+        return None;
+    }
+    let count = hashes.clone().count();
+    let start = out.len();
+    out.extend_from_slice(&[0; LEN_BYTES]);
+    out.extend_from_slice(&MAGIC);
+    out.push(PROTOCOL_VERSION);
+    out.push(FrameKind::Request as u8);
+    out.extend_from_slice(&request_id.to_le_bytes());
+    // Writing MessagePack into a Vec cannot fail.
+    let _ = (|| -> Result<(), rmp::encode::ValueWriteError> {
+        rmp::encode::write_map_len(out, 3)?;
+        rmp::encode::write_str(out, "op")?;
+        rmp::encode::write_str(out, "lookup")?;
+        rmp::encode::write_str(out, "hashes")?;
+        rmp::encode::write_array_len(out, 0)?;
+        rmp::encode::write_str(out, "packed")?;
+        rmp::encode::write_map_len(out, 2)?;
+        rmp::encode::write_str(out, "hash_bytes")?;
+        rmp::encode::write_uint(out, hash_bytes as u64)?;
+        rmp::encode::write_str(out, "bytes")?;
+        rmp::encode::write_bin_len(out, (count * hash_bytes) as u32)?;
+        Ok(())
+    })();
+    out.reserve(count * hash_bytes);
+    hashes.for_each(|h| out.extend_from_slice(h));
+    let len = (out.len() - start - LEN_BYTES) as u32;
+    out[start..start + LEN_BYTES].copy_from_slice(&len.to_le_bytes());
+    Some(())
+}
+
 /// Serialises a message body as a MessagePack map with field names.
 pub fn to_body<T: Serialize>(value: &T) -> Vec<u8> {
     // Serialising our own plain structs into a Vec cannot fail.
@@ -842,6 +886,29 @@ mod tests {
         assert_eq!((f.kind, f.request_id), (FrameKind::Request, 42));
         let req: Request = from_body(&f.body).unwrap();
         assert_eq!(req, Request::Hello(Hello { protocol: 1, client: "t".into(), pid: 7 }));
+    }
+
+    /// The direct lookup encoder writes what the generic path writes, and declines what must be
+    /// sent as a list.
+    #[test]
+    fn packed_lookup_frame_equals_the_generic_encoding() {
+        for (count, len) in [(1usize, 32usize), (3, 8), (1024, 32), (70_000, 1)] {
+            let hashes: Vec<Vec<u8>> = (0..count).map(|i| (0..len).map(|b| (i * 31 + b) as u8).collect()).collect();
+            let packed = PackedHashes::pack(hashes.iter().map(Vec::as_slice)).unwrap();
+            let request = Request::Lookup(Lookup { hashes: vec![], packed: Some(packed) });
+            let expect = frame(FrameKind::Request, 9, &to_body(&request));
+            let mut out = b"before".to_vec();
+            assert_eq!(encode_packed_lookup(&mut out, 9, hashes.iter().map(Vec::as_slice)), Some(()));
+            assert_eq!((&out[..6], &out[6..]), (&b"before"[..], &expect[..]), "{count} hashes of {len} bytes");
+            let (f, _) = decode(&out[6..]).unwrap().unwrap();
+            assert_eq!(Request::decode(&f.body).unwrap(), request);
+        }
+        let mut out = Vec::new();
+        let mixed: [&[u8]; 2] = [&[1; 32], &[2; 31]];
+        assert_eq!(encode_packed_lookup(&mut out, 1, mixed), None);
+        assert_eq!(encode_packed_lookup(&mut out, 1, [&[0u8; 33][..]]), None, "too long");
+        assert_eq!(encode_packed_lookup(&mut out, 1, std::iter::empty()), None, "empty");
+        assert!(out.is_empty(), "nothing written when declined");
     }
 
     /// The same bytes are asserted by python/tests/test_protocol.py: both implementations agree.

@@ -8,7 +8,7 @@
 //! *buckets* (the key's 64-bit hash, 0 for an empty bucket, and the index of its item) beside an
 //! array of *items* (key and value). A key's home bucket follows from its hash alone, so a batch
 //! computes the hashes of keys further down the batch and [`SliceTable::prefetch`]es their home
-//! buckets, then their items, while it works on the current key ([`SliceTable::get_many_mut`]);
+//! buckets, then their items, while it works on the current key ([`SliceTable::get_prefix_mut`]);
 //! with the load kept at most one half, almost every key sits in its home bucket or the next.
 //!
 //! Items never move while their key is stored: removal shifts the following run of *buckets* back
@@ -23,13 +23,14 @@
 //! foldhash and wyhash), written for this one key shape: a quarter of the cost of feeding the
 //! key's fields to a general `Hasher` one by one.
 
-use crate::key::SliceKey;
+use crate::key::{BlockHash, SliceKey};
+use crate::namespace::NamespaceId;
 use crate::rng::fold_mul as fold;
 use std::hash::BuildHasher;
 
 /// Buckets of a new table.
 const MIN_BUCKETS: usize = 16;
-/// Keys looked ahead in [`SliceTable::get_many_mut`]: their home buckets are requested from
+/// Keys looked ahead in [`SliceTable::get_prefix_mut`]: their home buckets are requested from
 /// memory this many keys before their turn: enough misses in flight to cover memory latency, few
 /// enough that the lines are still in L1 when their turn comes.
 const PREFETCH_DISTANCE: usize = 16;
@@ -96,14 +97,7 @@ impl<V> SliceTable<V> {
     /// The hash the table files `key` under (never 0).
     #[inline]
     pub fn hash(&self, key: &SliceKey) -> u64 {
-        let s = &self.seeds;
-        let [n0, n1] = key.block.ns.words();
-        let [h0, h1, h2, h3] = key.block.hash.words();
-        let tail = u64::from(key.block.hash.len_byte()) | u64::from(key.rank) << 8;
-        let a = fold(h0 ^ s[0], h1 ^ s[1]);
-        let b = fold(h2 ^ s[2], h3 ^ s[3]);
-        let c = fold(n0 ^ s[4], n1 ^ s[5]);
-        fold(a ^ c ^ s[6], b ^ tail ^ s[7]).max(1)
+        keyed_hash(&self.seeds, key)
     }
 
     #[inline]
@@ -135,24 +129,10 @@ impl<V> SliceTable<V> {
         prefetch_read((&self.buckets[hash as usize & self.mask()] as *const Bucket).cast());
     }
 
-    /// Asks the CPU to start loading the item of the key with hash `hash` if its home bucket
-    /// (already in cache, ideally) holds it. Has no other effect.
-    #[inline]
-    fn prefetch_item(&self, hash: u64) {
-        let b = self.buckets[hash as usize & self.mask()];
-        if b.hash == hash {
-            self.prefetch_id(b.item);
-        }
-    }
-
     /// Asks the CPU to start loading item `id` (both cache lines it may span).
     #[inline]
     fn prefetch_id(&self, id: u32) {
-        if let Some(item) = self.items.get(id as usize) {
-            let at = (item as *const Option<(SliceKey, V)>).cast::<u8>();
-            prefetch_read(at);
-            prefetch_read(at.wrapping_add(size_of::<Option<(SliceKey, V)>>() - 1));
-        }
+        prefetch_item(&self.items, id);
     }
 
     /// The id of `key`'s item.
@@ -198,39 +178,68 @@ impl<V> SliceTable<V> {
         self.items[id.0 as usize].as_ref().expect("an item id outlived its key")
     }
 
-    /// Calls `each(i, id, &key, value)` for `i` in `0..count`, in order, while key `key_at(i)` is
-    /// stored and `each` returns true; returns how many calls returned true (the keys of
-    /// `0..returned` were all stored and accepted). The buckets and items of the keys ahead are
-    /// requested from memory before their turn, so the lookups' cache misses overlap instead of
-    /// following one another.
-    pub fn get_prefix_mut(
+    /// Calls `each(i, id, value)` for `i` in `0..count`, in order, while the key of namespace
+    /// `ns`, block hash and rank `key_at(i)` is stored and `each` returns true; returns how many
+    /// calls returned true (the keys of `0..returned` were all stored and accepted). The buckets
+    /// and items of the keys ahead are requested from memory before their turn, so the lookups'
+    /// cache misses overlap instead of following one another.
+    ///
+    /// A batch shares one namespace, which is hashed once for the whole batch, and no key is
+    /// built: each position's hash words are read where the caller keeps them.
+    pub fn get_prefix_mut<'h>(
         &mut self,
+        ns: NamespaceId,
         count: usize,
-        key_at: impl Fn(usize) -> SliceKey,
-        mut each: impl FnMut(usize, ItemId, &SliceKey, &mut V) -> bool,
+        key_at: impl Fn(usize) -> (&'h BlockHash, u16),
+        mut each: impl FnMut(usize, ItemId, &mut V) -> bool,
     ) -> usize {
-        // Hashes of the keys ahead, by `i % PREFETCH_DISTANCE`; a key is built again when its turn
-        // comes (a copy, cheaper than keeping it).
+        // Borrowed apart, so that `each` changing an item cannot (to the compiler) change the
+        // seeds or buckets, which then stay in registers; `buckets` is sliced to `mask + 1`, so
+        // every `& mask` index is provably in bounds.
+        let hasher = BatchHasher::new(&self.seeds, ns);
+        let mask = self.mask();
+        let buckets = &self.buckets[..=mask];
+        let items = &mut self.items;
+        let hash_at = |i: usize| {
+            let (hash, rank) = key_at(i);
+            hasher.hash(hash, rank)
+        };
+        // Hashes of the keys ahead, by `i % PREFETCH_DISTANCE`.
         let mut ahead = [0u64; PREFETCH_DISTANCE];
         for (i, hash) in ahead.iter_mut().enumerate().take(count) {
-            *hash = self.hash(&key_at(i));
-            self.prefetch(*hash);
+            *hash = hash_at(i);
+            prefetch_read((&buckets[*hash as usize & mask] as *const Bucket).cast());
         }
         for i in 0..count {
             let hash = ahead[i % PREFETCH_DISTANCE];
             if i + PREFETCH_DISTANCE < count {
-                let h = self.hash(&key_at(i + PREFETCH_DISTANCE));
+                let h = hash_at(i + PREFETCH_DISTANCE);
                 ahead[i % PREFETCH_DISTANCE] = h;
-                self.prefetch(h);
+                prefetch_read((&buckets[h as usize & mask] as *const Bucket).cast());
             }
             if i + ITEM_PREFETCH_DISTANCE < count {
-                self.prefetch_item(ahead[(i + ITEM_PREFETCH_DISTANCE) % PREFETCH_DISTANCE]);
+                let h = ahead[(i + ITEM_PREFETCH_DISTANCE) % PREFETCH_DISTANCE];
+                let b = buckets[h as usize & mask];
+                if b.hash == h {
+                    prefetch_item(items, b.item);
+                }
             }
-            let key = key_at(i);
-            let Some(b) = self.find(hash, &key) else { return i };
-            let id = self.buckets[b].item;
-            let Some((k, v)) = self.items[id as usize].as_mut() else { return i };
-            if !each(i, ItemId(id), k, v) {
+            let (block, rank) = key_at(i);
+            let mut j = hash as usize & mask;
+            let (id, v) = loop {
+                let b = buckets[j];
+                if b.hash == hash {
+                    if let Some(Some((k, v))) = items.get_mut(b.item as usize) {
+                        if k.block.hash == *block && k.rank == rank && k.block.ns == ns {
+                            break (b.item, v);
+                        }
+                    }
+                } else if b.hash == 0 {
+                    return i;
+                }
+                j = (j + 1) & mask;
+            };
+            if !each(i, ItemId(id), v) {
                 return i;
             }
         }
@@ -363,6 +372,51 @@ impl<V> std::ops::Index<&SliceKey> for SliceTable<V> {
     }
 }
 
+/// The hash a table with `seeds` files `key` under (never 0): three independent folded
+/// multiplies of the key's words (block hash halves and namespace) and one to combine them.
+#[inline(always)]
+fn keyed_hash(seeds: &[u64; 8], key: &SliceKey) -> u64 {
+    BatchHasher::new(seeds, key.block.ns).hash(&key.block.hash, key.rank)
+}
+
+/// [`keyed_hash`] for keys of one namespace: the namespace's multiply is done once.
+#[derive(Clone, Copy)]
+struct BatchHasher {
+    seeds: [u64; 4],
+    /// The namespace's part of the final multiply's first word.
+    ns_part: u64,
+    /// The seed of the final multiply's second word.
+    tail_seed: u64,
+}
+
+impl BatchHasher {
+    #[inline(always)]
+    fn new(s: &[u64; 8], ns: NamespaceId) -> Self {
+        let [n0, n1] = ns.words();
+        Self { seeds: [s[0], s[1], s[2], s[3]], ns_part: fold(n0 ^ s[4], n1 ^ s[5]) ^ s[6], tail_seed: s[7] }
+    }
+
+    #[inline(always)]
+    fn hash(&self, hash: &BlockHash, rank: u16) -> u64 {
+        let s = &self.seeds;
+        let [h0, h1, h2, h3] = hash.words();
+        let tail = u64::from(hash.len_byte()) | u64::from(rank) << 8;
+        let a = fold(h0 ^ s[0], h1 ^ s[1]);
+        let b = fold(h2 ^ s[2], h3 ^ s[3]);
+        fold(a ^ self.ns_part, b ^ tail ^ self.tail_seed).max(1)
+    }
+}
+
+/// Asks the CPU to start loading item `id` of `items` (both cache lines it may span).
+#[inline(always)]
+fn prefetch_item<T>(items: &[T], id: u32) {
+    if let Some(item) = items.get(id as usize) {
+        let at = (item as *const T).cast::<u8>();
+        prefetch_read(at);
+        prefetch_read(at.wrapping_add(size_of::<T>() - 1));
+    }
+}
+
 /// A hint to load the cache line holding `at`; no effect on the program's results, whatever `at`.
 #[inline(always)]
 fn prefetch_read(at: *const u8) {
@@ -438,21 +492,23 @@ mod tests {
         let keys: Vec<_> = (0..1000).map(|h| slice(1, h, 0)).collect();
         let ids: HashMap<SliceKey, ItemId> = t.iter().map(|(k, _)| (*k, t.id(k).unwrap())).collect();
         let mut seen = Vec::new();
-        let n = t.get_prefix_mut(
-            keys.len(),
-            |i| keys[i],
-            |i, id, key, v| {
-                assert_eq!((*key, id), (keys[i], ids[&keys[i]]));
-                *v += 1;
-                seen.push(i);
-                true
-            },
-        );
+        let ns = keys[0].block.ns;
+        let at = |i: usize| (&keys[i].block.hash, keys[i].rank);
+        let n = t.get_prefix_mut(ns, keys.len(), at, |i, id, v| {
+            assert_eq!(id, ids[&keys[i]]);
+            *v += 1;
+            seen.push(i);
+            true
+        });
         assert_eq!((n, seen), (700, (0..700).collect::<Vec<_>>()), "stops at the absent key 700");
         assert_eq!((t[&slice(1, 10, 0)], t[&slice(1, 800, 0)]), (11, 800), "values changed in place, up to it");
-        let n = t.get_prefix_mut(keys.len(), |i| keys[i], |i, _, _, _| i < 5);
+        let n = t.get_prefix_mut(ns, keys.len(), at, |i, _, _| i < 5);
         assert_eq!(n, 5, "stops where `each` refuses");
-        assert_eq!(t.get_prefix_mut(0, |_| unreachable!(), |_, _, _, _| panic!("no keys, no calls")), 0);
+        assert_eq!(t.get_prefix_mut(ns, 0, |_| unreachable!(), |_, _, _| panic!("no keys, no calls")), 0);
+        let other = slice(2, 10, 0).block.ns;
+        assert_eq!(t.get_prefix_mut(other, 1, at, |_, _, _| panic!("another namespace")), 0, "namespace compared");
+        let rank1 = |_: usize| (&keys[10].block.hash, 1);
+        assert_eq!(t.get_prefix_mut(ns, 1, rank1, |_, _, _| panic!("another rank")), 0, "rank compared");
     }
 
     /// An item id keeps naming its key while other keys come and go and the buckets grow, and a

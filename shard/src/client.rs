@@ -2,8 +2,8 @@
 
 use kvloft_engine::protocol::{
     self, BlockHashBytes, ErrorCode, ErrorReply, Event, FrameError, FrameKind, Hello, HelloReply, LayerMemory, Load,
-    LoadDone, Lookup, LookupReply, NamespaceSpec, PackedHashes, PackedSave, RegisterInstance, RegisterInstanceReply,
-    RegisterMemory, Release, Reply, Request, Save, SaveBlock, SaveDone, StatsReply, StatsRequest, PROTOCOL_VERSION,
+    LoadDone, Lookup, LookupReply, NamespaceSpec, PackedSave, RegisterInstance, RegisterInstanceReply, RegisterMemory,
+    Release, Reply, Request, Save, SaveBlock, SaveDone, StatsReply, StatsRequest, PROTOCOL_VERSION,
 };
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -55,6 +55,8 @@ pub struct Client {
     stream: UnixStream,
     next_id: u64,
     buf: Vec<u8>,
+    /// The frame being sent, kept between calls so that a large request allocates once.
+    out: Vec<u8>,
     events: VecDeque<(u64, Event)>,
     /// How long a wait for the server polls before it sleeps; see [`Client::set_spin`].
     spin: Duration,
@@ -73,6 +75,7 @@ impl Client {
             stream,
             next_id: 1,
             buf: Vec::new(),
+            out: Vec::new(),
             events: VecDeque::new(),
             spin: Duration::ZERO,
             server: HelloReply { protocol: 0, server_version: String::new(), shards: 0, pid: 0 },
@@ -158,12 +161,19 @@ impl Client {
 
     /// Leading hits among `hashes` and the lease pinning them.
     pub fn lookup(&mut self, hashes: &[Vec<u8>]) -> Result<LookupReply, ClientError> {
-        // One packed byte string when the hashes share a length (the usual case).
-        let lookup = match PackedHashes::pack(hashes.iter().map(Vec::as_slice)) {
-            Some(packed) => Lookup { hashes: Vec::new(), packed: Some(packed) },
-            None => Lookup { hashes: hashes.iter().map(|h| BlockHashBytes::from(h.clone())).collect(), packed: None },
+        // One packed byte string when the hashes share a length (the usual case), written
+        // straight into the frame; else the list form.
+        let id = self.next_id;
+        self.out.clear();
+        let reply = if protocol::encode_packed_lookup(&mut self.out, id, hashes.iter().map(Vec::as_slice)).is_some() {
+            self.next_id += 1;
+            self.stream.write_all(&self.out)?;
+            self.read_reply(id)?
+        } else {
+            let list = hashes.iter().map(|h| BlockHashBytes::from(h.clone())).collect();
+            self.call(&Request::Lookup(Lookup { hashes: list, packed: None }))?
         };
-        match self.call(&Request::Lookup(lookup))? {
+        match reply {
             Reply::Lookup(r) => Ok(r),
             _ => Err(ClientError::UnexpectedReply("lookup")),
         }
@@ -222,9 +232,9 @@ impl Client {
     fn send(&mut self, request: &Request) -> Result<u64, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
-        let mut out = Vec::new();
-        protocol::encode(&mut out, FrameKind::Request, id, &protocol::to_body(request));
-        self.stream.write_all(&out)?;
+        self.out.clear();
+        protocol::encode(&mut self.out, FrameKind::Request, id, &protocol::to_body(request));
+        self.stream.write_all(&self.out)?;
         Ok(id)
     }
 

@@ -50,9 +50,15 @@ pub(crate) struct Loaded {
 /// A request to an owner shard.
 #[derive(Debug)]
 pub(crate) enum OwnerOp {
-    /// Pin the sealed slices among `keys` under `lease` until `expires_ms`, in order; report
-    /// which.
-    Probe { lease: u64, expires_ms: u64, keys: Vec<(u32, SliceKey)>, reply: flume::Sender<Probed> },
+    /// Pin the sealed slices of namespace `ns` among `keys` (request position, block hash, rank)
+    /// under `lease` until `expires_ms`, in order, up to the first miss; report which.
+    Probe {
+        lease: u64,
+        expires_ms: u64,
+        ns: NamespaceId,
+        keys: Vec<(u32, BlockHash, u16)>,
+        reply: flume::Sender<Probed>,
+    },
     /// Keep the first `keep` pins of `lease` (the hits in the leading prefix) and drop the rest;
     /// `keep` 0 drops them all.
     Unpin { lease: u64, keep: usize },
@@ -122,14 +128,15 @@ impl ShardCtx {
     /// Handles a store operation addressed to this shard as owner.
     pub(crate) fn owner_op(&self, op: OwnerOp) {
         match op {
-            OwnerOp::Probe { lease, expires_ms, keys, reply } => {
+            OwnerOp::Probe { lease, expires_ms, ns, keys, reply } => {
                 let mut out = Probed { found: Vec::with_capacity(keys.len()) };
                 self.probe(
                     lease,
                     expires_ms,
+                    ns,
                     keys.len(),
-                    |i| keys[i].1,
-                    |i| out.found.push((keys[i].0, keys[i].1.rank)),
+                    |i| (&keys[i].1, keys[i].2),
+                    |i| out.found.push((keys[i].0, keys[i].2)),
                 );
                 let _ = reply.try_send(out);
             }
@@ -155,20 +162,22 @@ impl ShardCtx {
         }
     }
 
-    /// Pins the sealed slices `key_at(0..count)` under `lease`, in order, up to the first it
+    /// Pins the sealed slices of `ns` named by `key_at(0..count)` (block hash, rank) under `lease`, in order, up to the first it
     /// cannot pin (the rest cannot be in the lookup's leading hits), calls `found(i)` for each one
-    /// pinned, and counts hits and misses (the slices not pinned).
-    fn probe(
+    /// pinned, and counts hits and misses (the slices not pinned); returns how many it pinned.
+    fn probe<'h>(
         &self,
         lease: u64,
         expires_ms: u64,
+        ns: NamespaceId,
         count: usize,
-        key_at: impl Fn(usize) -> SliceKey,
+        key_at: impl Fn(usize) -> (&'h BlockHash, u16),
         mut found: impl FnMut(usize),
-    ) {
-        let hits = self.index.borrow_mut().pin_many(lease, expires_ms, count, key_at, |i, _| found(i)) as u64;
-        self.counters.hits.set(self.counters.hits.get() + hits);
-        self.counters.misses.set(self.counters.misses.get() + (count as u64 - hits));
+    ) -> usize {
+        let hits = self.index.borrow_mut().pin_many(lease, expires_ms, ns, count, key_at, |i, _| found(i));
+        self.counters.hits.set(self.counters.hits.get() + hits as u64);
+        self.counters.misses.set(self.counters.misses.get() + (count - hits) as u64);
+        hits
     }
 
     fn save_slices(&self, mem: &HostMemory, slice_bytes: u64, items: Vec<(SliceKey, u32)>) -> Saved {
@@ -489,7 +498,7 @@ pub(crate) async fn lookup(
     instance: &str,
     ns: NamespaceId,
     ranks: u32,
-    mut hashes: Vec<BlockHash>,
+    hashes: Vec<BlockHash>,
     ttl_ms: u64,
 ) -> Result<(u32, u64), StoreError> {
     let lease = ctx.leases.borrow_mut().next_id();
@@ -498,35 +507,38 @@ pub(crate) async fn lookup(
     let single = ctx.shard_count() == 1;
     let owners: Vec<ShardId> =
         if single { Vec::new() } else { hashes.iter().map(|&hash| ctx.block_owner(&BlockKey { ns, hash })).collect() };
-    let slice = |hash: BlockHash, rank: u32| SliceKey { block: BlockKey { ns, hash }, rank: rank as u16 };
 
     // A vector per shard, not a map probe per hash.
-    let mut remote: Vec<Vec<(u32, SliceKey)>> = (0..ctx.shard_count()).map(|_| Vec::new()).collect();
+    let mut remote: Vec<Vec<(u32, BlockHash, u16)>> = (0..ctx.shard_count()).map(|_| Vec::new()).collect();
     for (pos, &shard) in owners.iter().enumerate().filter(|(_, &shard)| shard != ctx.id) {
-        remote[shard].extend((0..ranks).map(|rank| (pos as u32, slice(hashes[pos], rank))));
+        remote[shard].extend((0..ranks).map(|rank| (pos as u32, hashes[pos], rank as u16)));
     }
     let mut pending = Vec::new();
     for (shard, keys) in remote.into_iter().enumerate().filter(|(_, keys)| !keys.is_empty()) {
         let (reply, rx) = flume::bounded(1);
-        ctx.tell(shard, MeshMsg::Owner(OwnerOp::Probe { lease, expires_ms, keys, reply })).await;
+        ctx.tell(shard, MeshMsg::Owner(OwnerOp::Probe { lease, expires_ms, ns, keys, reply })).await;
         pending.push((shard, rx));
     }
     // This shard's own share, pinned in place: every position when it is the only shard, else
     // the positions it owns; `ranks` slices per position.
-    let mut found = vec![0u32; n];
     let per = ranks.max(1) as usize;
     if single && per == 1 {
-        // The common case, without the divisions below (they cost as much as a probe).
-        ctx.probe(lease, expires_ms, n, |i| slice(hashes[i], 0), |i| found[i] += 1);
-    } else if single {
-        ctx.probe(lease, expires_ms, n * per, |i| slice(hashes[i / per], (i % per) as u32), |i| found[i / per] += 1);
+        // The common case: the probe stops at the first miss, so what it pinned is the leading
+        // hits, and no per-position tally is needed.
+        let hits = ctx.probe(lease, expires_ms, ns, n, |i| (&hashes[i], 0), |_| {});
+        return Ok(finish_lookup(ctx, instance, ns, ranks, hashes, expires_ms, lease, hits, vec![ctx.id]));
+    }
+    let mut found = vec![0u32; n];
+    if single {
+        ctx.probe(lease, expires_ms, ns, n * per, |i| (&hashes[i / per], (i % per) as u16), |i| found[i / per] += 1);
     } else if per == 1 {
         let mine: Vec<u32> = (0..n as u32).filter(|&pos| owners[pos as usize] == ctx.id).collect();
         ctx.probe(
             lease,
             expires_ms,
+            ns,
             mine.len(),
-            |i| slice(hashes[mine[i] as usize], 0),
+            |i| (&hashes[mine[i] as usize], 0),
             |i| found[mine[i] as usize] += 1,
         );
     } else {
@@ -534,8 +546,9 @@ pub(crate) async fn lookup(
         ctx.probe(
             lease,
             expires_ms,
+            ns,
             mine.len() * per,
-            |i| slice(hashes[mine[i / per] as usize], (i % per) as u32),
+            |i| (&hashes[mine[i / per] as usize], (i % per) as u16),
             |i| found[mine[i / per] as usize] += 1,
         );
     }
@@ -572,20 +585,37 @@ pub(crate) async fn lookup(
             }
         }
     }
+    Ok(finish_lookup(ctx, instance, ns, ranks, hashes, expires_ms, lease, hits, kept_owners))
+}
+
+/// Records the lease of a lookup whose first `hits` hashes are pinned (by `owners`, and only
+/// those), and returns the lookup's answer. A full lease table serves the lookup as a miss: a
+/// lease nobody could load would only hold pins until expiry.
+#[allow(clippy::too_many_arguments)]
+fn finish_lookup(
+    ctx: &Rc<ShardCtx>,
+    instance: &str,
+    ns: NamespaceId,
+    ranks: u32,
+    mut hashes: Vec<BlockHash>,
+    expires_ms: u64,
+    lease: u64,
+    hits: usize,
+    owners: Vec<ShardId>,
+) -> (u32, u64) {
     if hits == 0 {
-        return Ok((0, 0));
+        return (0, 0);
     }
     hashes.truncate(hits);
     let record = Lease::new(lease, instance.to_string(), ns, hashes, ranks, expires_ms);
-    // The lease's home is this shard (its id says so). A full table serves the lookup as a miss:
-    // a lease nobody could load would only hold pins until expiry.
-    if ctx.leases.borrow_mut().insert(record).is_err() {
-        ctx.lease_owners.borrow_mut().insert(lease, kept_owners);
+    // The lease's home is this shard (its id says so).
+    let refused = ctx.leases.borrow_mut().insert(record).is_err();
+    ctx.lease_owners.borrow_mut().insert(lease, owners);
+    if refused {
         ctx.broadcast_unpin(lease);
-        return Ok((0, 0));
+        return (0, 0);
     }
-    ctx.lease_owners.borrow_mut().insert(lease, kept_owners);
-    Ok((hits as u32, lease))
+    (hits as u32, lease)
 }
 
 /// Per owner shard, the pins a lookup keeps (those of positions before `hits`) and the pins it
