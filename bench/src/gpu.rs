@@ -11,7 +11,8 @@
 //! Every case first proves the bytes: a save (d2h) of blocks A into pool slots, checked against
 //! the pattern the engine memory was filled with; then a load (h2d) of those slots into other
 //! blocks B, poisoned first, read back and checked. Only then is it timed, for each method: the
-//! copy kernel (with `--sm-budget` SMs) and DMA (one `cuMemcpyAsync` per merged range). Time is
+//! copy kernel (with `--sm-budget` SMs), DMA (one `cuMemcpyAsync` per merged range) and batched
+//! DMA (one `cuMemcpyBatchAsync` for them all, where the driver has it). Time is
 //! wall-clock from submission to completion of a batch; GB/s is bytes over the median batch time;
 //! the ceiling is one `cuMemcpyAsync` of the same bytes between a device buffer and the arena.
 
@@ -314,7 +315,17 @@ pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
     if let Some(note) = copier.kernel_note() {
         eprintln!("kernel: {note}");
     }
-    let planner = Planner { sm_budget: args.sm_budget, sm_count: dev.sm_count(), ..Planner::default() };
+    if !copier.has_batch() {
+        eprintln!(
+            "dma_batch: this driver has no cuMemcpyBatchAsync (CUDA 12.8+); batched plans use one call per range"
+        );
+    }
+    let planner = Planner {
+        sm_budget: args.sm_budget,
+        sm_count: dev.sm_count(),
+        dma_batch: copier.has_batch(),
+        ..Planner::default()
+    };
     // The full server path: a `kvloft serve` child (CUDA IPC needs another process).
     let server = if args.server {
         let exe = std::env::current_exe().map_err(|e| GpuBenchError::Args(format!("cannot find this binary: {e}")))?;
@@ -358,7 +369,7 @@ pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
                     let ceiling =
                         time_plan(&mut copier, &contiguous(&ceiling_buf, pool, bytes, d2h), args.repetitions)?;
                     let ceiling_gbps = bytes as f64 / ceiling / 1e9;
-                    for method in ["kernel", "dma", "planner"] {
+                    for method in ["kernel", "dma", "dma_batch", "planner"] {
                         let plan = match method {
                             "kernel" if copier.has_kernel() && args.sm_budget > 0 => {
                                 let mut p =
@@ -371,7 +382,11 @@ pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
                                 p
                             }
                             "kernel" => continue,
-                            "dma" => Planner { sm_budget: 0, ..planner }.plan(&ranges),
+                            "dma" => Planner { sm_budget: 0, dma_batch: false, ..planner }.plan(&ranges),
+                            "dma_batch" if copier.has_batch() => {
+                                Planner { sm_budget: 0, dma_batch: true, ..planner }.plan(&ranges)
+                            }
+                            "dma_batch" => continue,
                             _ => planner.plan(&ranges),
                         };
                         let mut h = Histogram::<u64>::new(3).expect("histogram");
@@ -402,6 +417,7 @@ pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
                         p.insert("method".into(), method.into());
                         let (chosen, sms) = match plan.method {
                             Method::Dma => ("dma", 0),
+                            Method::DmaBatch => ("dma_batch", 0),
                             Method::Kernel { ctas, .. } => ("kernel", ctas.div_ceil(CTAS_PER_SM)),
                         };
                         p.insert("plan".into(), chosen.into());
@@ -612,8 +628,12 @@ fn verify(
     (a, b): (&[u64], &[u64]),
     planner: &Planner,
 ) -> Result<(), GpuBenchError> {
-    let planners =
-        [Planner { kernel_min_ranges: 1, dma_min_bytes: u64::MAX, ..*planner }, Planner { sm_budget: 0, ..*planner }];
+    // The kernel, then the copy engines one call per range, then batched (where the driver can).
+    let planners = [
+        Planner { kernel_min_ranges: 1, dma_min_bytes: u64::MAX, ..*planner },
+        Planner { sm_budget: 0, dma_batch: false, ..*planner },
+        Planner { sm_budget: 0, dma_batch: true, ..*planner },
+    ];
     for p in planners {
         // Save A and check every slot against the engine's bytes.
         time_once(copier, &p.plan(&engine.ranges(a, pool, true)))?;

@@ -9,6 +9,11 @@
 //!   engine's SMs, and at the PCIe ceiling when ranges are large. On the H100 test machine
 //!   (bench/results/2026-11-24-h100-gpu-inprocess.json) DMA reaches 0.95-0.99 of the contiguous
 //!   ceiling with runs of 2 MiB and more, but only 0.63-0.69 at 256 KiB and 0.06-0.14 at 16 KiB.
+//! - [`Method::DmaBatch`]: the same copies handed to the driver in one `cuMemcpyBatchAsync` call
+//!   (drivers of CUDA 12.8 and later), which keeps the copy engines busy with small ranges far
+//!   better than a call per range: 27-31 GB/s at 16 KiB on the H100 against 6
+//!   (../shared/research/ceilings.md). Used instead of [`Method::Dma`] whenever the driver has it
+//!   and a batch has more than one range.
 //! - [`Method::Kernel`]: a gather/scatter kernel over device-mapped pool pages, with 16-byte
 //!   accesses, on at most `sm_budget` SMs (two CTAs of 512 threads per SM). It reaches the PCIe
 //!   ceiling at any range size (0.89-0.95 of it at 16 KiB with 16 SMs), but SMs it takes are SMs the engine's
@@ -35,6 +40,8 @@ pub struct Range {
 pub enum Method {
     /// One DMA copy per range on the copy engines.
     Dma,
+    /// Every range in one `cuMemcpyBatchAsync` call, on the copy engines.
+    DmaBatch,
     /// The gather/scatter kernel with this many CTAs of `threads` threads.
     Kernel {
         /// CTAs launched.
@@ -73,6 +80,8 @@ pub struct Planner {
     pub kernel_min_ranges: usize,
     /// Longest range one CTA copies; longer kernel ranges are split.
     pub chunk_bytes: u64,
+    /// Whether the driver offers `cuMemcpyBatchAsync` ([`Method::DmaBatch`]).
+    pub dma_batch: bool,
 }
 
 /// Threads per CTA of the copy kernel.
@@ -82,7 +91,14 @@ pub const CTAS_PER_SM: u32 = 2;
 
 impl Default for Planner {
     fn default() -> Self {
-        Planner { sm_budget: 16, sm_count: 132, dma_min_bytes: 1 << 20, kernel_min_ranges: 8, chunk_bytes: 64 << 10 }
+        Planner {
+            sm_budget: 16,
+            sm_count: 132,
+            dma_min_bytes: 1 << 20,
+            kernel_min_ranges: 8,
+            chunk_bytes: 64 << 10,
+            dma_batch: false,
+        }
     }
 }
 
@@ -94,7 +110,8 @@ impl Planner {
         let sms = self.sm_budget.min(self.sm_count);
         let average = if merged.is_empty() { 0 } else { total / merged.len() as u64 };
         if sms == 0 || merged.len() < self.kernel_min_ranges || average >= self.dma_min_bytes {
-            return Plan { method: Method::Dma, ranges: merged };
+            let method = if self.dma_batch && merged.len() > 1 { Method::DmaBatch } else { Method::Dma };
+            return Plan { method, ranges: merged };
         }
         let ranges = split(&merged, self.chunk_bytes.max(16));
         let ctas = (sms * CTAS_PER_SM).min(u32::try_from(ranges.len()).unwrap_or(u32::MAX)).max(1);
@@ -185,6 +202,20 @@ mod tests {
         let ranges: Vec<Range> = (5..8u64).map(|b| r(b * 65536, (1 << 20) + (b - 5) * 65536, 65536)).collect();
         let p = Planner::default().plan(&ranges);
         assert_eq!(p, Plan { method: Method::Dma, ranges: vec![r(5 * 65536, 1 << 20, 3 * 65536)] });
+    }
+
+    #[test]
+    fn copy_engine_plans_are_batched_where_the_driver_can() {
+        let batch = Planner { dma_batch: true, ..Planner::default() };
+        let small: Vec<Range> = (0..100u64).map(|i| r(i << 30, (99 - i) << 20, 4096)).collect();
+        assert_eq!(Planner { sm_budget: 0, ..batch }.plan(&small).method, Method::DmaBatch);
+        let big: Vec<Range> = (0..100u64).map(|i| r(i << 30, (99 - i) << 20, 1 << 20)).collect();
+        assert_eq!(batch.plan(&big).method, Method::DmaBatch);
+        assert!(matches!(batch.plan(&small).method, Method::Kernel { .. }), "the kernel still wins small ranges");
+        let one = [r(0, 1 << 20, 4096)];
+        assert_eq!(batch.plan(&one).method, Method::Dma, "a single range needs no batch");
+        let contiguous: Vec<Range> = (5..8u64).map(|b| r(b * 65536, (1 << 20) + (b - 5) * 65536, 65536)).collect();
+        assert_eq!(batch.plan(&contiguous).method, Method::Dma, "merged into one range");
     }
 
     #[test]

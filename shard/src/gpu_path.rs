@@ -20,8 +20,8 @@ use kvloft_engine::index::Reserved;
 use kvloft_engine::key::{BlockHash, BlockKey, SliceKey};
 use kvloft_engine::namespace::NamespaceId;
 use kvloft_gpu::cuda::{Copier, CudaError, CudaMemory, Device, HostRegistration, IpcEvent, SharedEvent};
-use kvloft_gpu::plan::Plan;
 use kvloft_gpu::plan::Planner;
+use kvloft_gpu::plan::{Method, Plan};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
@@ -66,6 +66,8 @@ impl std::fmt::Debug for GpuState {
 
 struct CopySlot {
     copier: RefCell<Copier>,
+    /// Whether the copier batches copy-engine plans (`Copier::has_batch`).
+    batch: bool,
     turn: glommio::sync::Semaphore,
 }
 
@@ -159,7 +161,8 @@ impl ShardCtx {
         if let Some(note) = copier.kernel_note() {
             eprintln!("kvloft: shard {}: GPU copies use DMA only: {note}", self.id);
         }
-        let slot = Rc::new(CopySlot { copier: RefCell::new(copier), turn: glommio::sync::Semaphore::new(1) });
+        let batch = copier.has_batch();
+        let slot = Rc::new(CopySlot { copier: RefCell::new(copier), batch, turn: glommio::sync::Semaphore::new(1) });
         self.gpu.copiers.borrow_mut().insert(uuid, slot.clone());
         Ok(slot)
     }
@@ -182,6 +185,7 @@ impl<'a> CopyRun<'a> {
         let planner = Planner {
             sm_budget: ctx.shared.topology.copy.sm_budget,
             sm_count: mem.device().sm_count(),
+            dma_batch: slot.batch,
             ..Planner::default()
         };
         // Ranges one block becomes once the planner splits long segments for the kernel.
@@ -202,8 +206,9 @@ impl<'a> CopyRun<'a> {
             let plan = self.planner.plan(&self.mem.ranges(chunk, self.d2h));
             if plan.ranges.len() > COPIER_RANGES {
                 // Splitting made more ranges than a batch holds (blocks of long segments): move
-                // this part on the copy engines instead.
-                let dma = kvloft_gpu::plan::Plan { method: kvloft_gpu::plan::Method::Dma, ranges: plan.ranges };
+                // this part on the copy engines instead (batched where the driver can).
+                let method = if self.slot.batch { Method::DmaBatch } else { Method::Dma };
+                let dma = kvloft_gpu::plan::Plan { method, ranges: plan.ranges };
                 submit(self.slot, &dma).await?;
             } else {
                 submit(self.slot, &plan).await?;

@@ -8,8 +8,9 @@ use crate::plan::{Method, Plan, Range};
 use cudarc::driver::sys;
 use std::sync::Arc;
 
-/// Moves [`Plan`]s on its own stream: DMA plans as one `cuMemcpyAsync` per range, kernel plans as
-/// a range-table upload and one launch. Up to [`SLOTS`] batches may be queued at once, each with
+/// Moves [`Plan`]s on its own stream: DMA plans as one `cuMemcpyAsync` per range, batched DMA
+/// plans as one `cuMemcpyBatchAsync` (or a call per range on drivers before CUDA 12.8), kernel
+/// plans as a range-table upload and one launch (batched DMA where the kernel is not loaded). Up to [`SLOTS`] batches may be queued at once, each with
 /// its own range table and event, so the caller prepares the next batch while the GPU moves the
 /// previous ones ([`Copier::ready`] says whether a slot is free). Completion is polled with
 /// [`Copier::done`] or awaited with [`Copier::wait`].
@@ -23,7 +24,50 @@ pub struct Copier {
     last: Option<usize>,
     kernel: Option<Kernel>,
     kernel_note: Option<String>,
+    /// The driver's `cuMemcpyBatchAsync` (CUDA 12.8 ABI), when it has one.
+    batch: Option<MemcpyBatchFn>,
     capacity: usize,
+}
+
+/// `cuMemcpyBatchAsync` as CUDA 12.8 defined it (CUDA 13 headers name a variant without
+/// `failIdx` so; asking the driver for the 12.8 version gets this one on every driver).
+type MemcpyBatchFn = unsafe extern "C" fn(
+    dsts: *mut sys::CUdeviceptr,
+    srcs: *mut sys::CUdeviceptr,
+    sizes: *mut usize,
+    count: usize,
+    attrs: *mut sys::CUmemcpyAttributes,
+    attrs_idxs: *mut usize,
+    num_attrs: usize,
+    fail_idx: *mut usize,
+    stream: sys::CUstream,
+) -> sys::CUresult;
+
+/// The driver's `cuMemcpyBatchAsync` in its CUDA 12.8 form, or `None` for drivers older than
+/// 12.8 (the copier then makes one `cuMemcpyAsync` per range).
+fn memcpy_batch_fn() -> Option<MemcpyBatchFn> {
+    let mut pfn: *mut std::ffi::c_void = std::ptr::null_mut();
+    let mut status = sys::CUdriverProcAddressQueryResult::CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND;
+    // SAFETY: the symbol name is a NUL-terminated string; `pfn` and `status` are valid
+    // out-pointers; the driver is loaded (a device was opened before any copier).
+    let r = unsafe {
+        sys::cuGetProcAddress_v2(
+            c"cuMemcpyBatchAsync".as_ptr(),
+            &mut pfn,
+            12080,
+            sys::CUdriverProcAddress_flags::CU_GET_PROC_ADDRESS_DEFAULT as u64,
+            &mut status,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS
+        || status != sys::CUdriverProcAddressQueryResult::CU_GET_PROC_ADDRESS_SUCCESS
+        || pfn.is_null()
+    {
+        return None;
+    }
+    // SAFETY: asked for version 12080, the driver returns the function with the 12.8 signature,
+    // which `MemcpyBatchFn` spells out.
+    Some(unsafe { std::mem::transmute::<*mut std::ffi::c_void, MemcpyBatchFn>(pfn) })
 }
 
 /// One queued batch's range table and completion event.
@@ -79,7 +123,14 @@ impl Copier {
         } else {
             (None, Some("kernel copies disabled".into()))
         };
-        Ok(Copier { dev, stream, start, slots, next: 0, last: None, kernel, kernel_note, capacity })
+        let batch = memcpy_batch_fn();
+        Ok(Copier { dev, stream, start, slots, next: 0, last: None, kernel, kernel_note, batch, capacity })
+    }
+
+    /// Whether [`Method::DmaBatch`] plans go to the driver in one `cuMemcpyBatchAsync` call (a
+    /// driver of CUDA 12.8 or later); without it they are moved one `cuMemcpyAsync` per range.
+    pub fn has_batch(&self) -> bool {
+        self.batch.is_some()
     }
 
     /// Why kernel plans fall back to DMA, if they do.
@@ -175,6 +226,23 @@ impl Copier {
                     start = end;
                 }
             }
+            (Method::DmaBatch | Method::Kernel { .. }, _) if self.batch.is_some() && plan.ranges.len() > 1 => {
+                // One call per marked part, so each part's event follows its copies.
+                let mut cuts: Vec<usize> = marks.iter().map(|m| m.0).collect();
+                cuts.push(plan.ranges.len());
+                cuts.dedup();
+                let mut start = 0;
+                for end in cuts {
+                    if end > start {
+                        self.batch_async(&plan.ranges[start..end])?;
+                    }
+                    for (_, event) in marks.iter().filter(|m| m.0 == end) {
+                        // SAFETY: both handles are live and belong to this copier's context.
+                        check("cuEventRecord", unsafe { sys::cuEventRecord(event.raw(), self.stream) })?;
+                    }
+                    start = end;
+                }
+            }
             _ => {
                 let mut marks = marks.iter().peekable();
                 for (n, r) in plan.ranges.iter().enumerate() {
@@ -198,6 +266,43 @@ impl Copier {
         self.last = Some(i);
         self.next = (i + 1) % self.slots.len();
         Ok(())
+    }
+
+    /// Queues `ranges` (at least one) as one `cuMemcpyBatchAsync` on the stream. The copies are
+    /// ordered after the stream's earlier work and before its later work; among themselves, in
+    /// any order (ranges of one plan never overlap).
+    fn batch_async(&self, ranges: &[Range]) -> Result<(), CudaError> {
+        let Some(batch) = self.batch else {
+            return Err(CudaError::Invalid("this driver has no cuMemcpyBatchAsync".into()));
+        };
+        let mut dsts: Vec<sys::CUdeviceptr> = ranges.iter().map(|r| r.dst).collect();
+        let mut srcs: Vec<sys::CUdeviceptr> = ranges.iter().map(|r| r.src).collect();
+        let mut sizes: Vec<usize> = ranges.iter().map(|r| r.len as usize).collect();
+        // One attribute set for every copy: ordered with the stream, and the hint that the
+        // copies run beside the inference engine's kernels. Location hints apply only to
+        // managed memory, which none of these is.
+        // SAFETY: CUmemcpyAttributes is plain data for which all-zero bytes are a valid value.
+        let mut attrs: sys::CUmemcpyAttributes = unsafe { std::mem::zeroed() };
+        attrs.srcAccessOrder = sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM;
+        attrs.flags = sys::CUmemcpyFlags::CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE as u32;
+        let mut attrs_idx = 0usize;
+        let mut fail_idx = usize::MAX;
+        // SAFETY: the three arrays hold `ranges.len()` entries each and, like the attributes,
+        // are read during the call only; the caller's contract (see `submit`) covers the ranges.
+        let r = unsafe {
+            batch(
+                dsts.as_mut_ptr(),
+                srcs.as_mut_ptr(),
+                sizes.as_mut_ptr(),
+                ranges.len(),
+                &mut attrs,
+                &mut attrs_idx,
+                1,
+                &mut fail_idx,
+                self.stream,
+            )
+        };
+        check("cuMemcpyBatchAsync", r)
     }
 
     /// Makes the batches submitted from now on wait (on the GPU, not the CPU) for the work
