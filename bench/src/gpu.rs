@@ -23,6 +23,7 @@ use kvloft_gpu::cuda::{Copier, CudaError, Device, DeviceBuffer, HostRegistration
 use kvloft_gpu::plan::{Method, Plan, Planner, Range, CTAS_PER_SM, KERNEL_THREADS};
 use kvloft_gpu::Arena;
 use kvloft_shard::client::Client;
+use kvloft_topology::model::{CopyCurvePoint, CopyDirection, CopyMethod};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -76,6 +77,11 @@ pub struct GpuArgs {
     /// CPUs), leaving the others to this process and the GPU driver; all of them when not given.
     #[arg(long)]
     pub server_shards: Option<usize>,
+    /// Also writes the in-process measurements of the three GPU copy methods as copy curves into
+    /// the `[calibration]` section of this topology file (created when missing; the rest of the
+    /// file kept), for the copy planner of a server started with it.
+    #[arg(long, value_name = "FILE")]
+    pub write_calibration: Option<PathBuf>,
 }
 
 /// Why the suite failed.
@@ -100,6 +106,9 @@ pub enum GpuBenchError {
     /// A request to that server failed.
     #[error("server path: {0}")]
     Client(#[from] kvloft_shard::client::ClientError),
+    /// The copy curves could not be written into the topology file.
+    #[error("writing the calibration: {0}")]
+    Calibration(#[from] crate::copy::CopyError),
     /// The result could not be written.
     #[error("writing {path}: {error}")]
     Write {
@@ -423,6 +432,10 @@ pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
                         p.insert("plan".into(), chosen.into());
                         p.insert("sm_used".into(), sms.into());
                         p.insert("ranges".into(), plan.ranges.len().into());
+                        // Bytes of one contiguous piece the batch is made of (after merging):
+                        // the size a copy curve is indexed by.
+                        let pieces = kvloft_gpu::plan::merge(&ranges).len().max(1) as u64;
+                        p.insert("piece_bytes".into(), (bytes / pieces).into());
                         p.insert("verified".into(), true.into());
                         eprintln!(
                             "{:<36} {:>7.2} GB/s  ceiling {:>6.2}  ratio {:.2}  ({} ranges, {chosen}, {sms} SMs)",
@@ -689,5 +702,109 @@ pub fn main(args: &GpuArgs) -> Result<(), GpuBenchError> {
     let report = run(args)?;
     report.write(&args.out).map_err(|error| GpuBenchError::Write { path: args.out.clone(), error })?;
     eprintln!("wrote {}", args.out.display());
+    if let Some(path) = &args.write_calibration {
+        let points = curve_points(&report);
+        let machine = kvloft_topology::discover()
+            .map_err(|e| crate::copy::CopyError::Discover(e.to_string()))
+            .map_err(GpuBenchError::Calibration)?;
+        let text = crate::calibrate::rewritten(path, &points, &machine)?;
+        crate::calibrate::write_atomically(path, &text)?;
+        eprintln!("wrote {} copy-curve points into the [calibration] section of {}", points.len(), path.display());
+        // What a server started with this file would decide (`rewritten` checked that it reads).
+        if let Ok(checked) = kvloft_topology::validate::check(&kvloft_topology::Source { path, text: &text }, &machine)
+        {
+            let t = checked.topology;
+            let planner = Planner { sm_budget: t.copy.sm_budget, dma_batch: true, ..Planner::default() };
+            let (_, note) =
+                planner.calibrated(|method, d2h, piece| kvloft_shard::calibrated_rate(&t, method, d2h, piece));
+            eprintln!("{}", note.unwrap_or_else(|| "copy planner: these curves leave the planner unchanged".into()));
+        }
+    }
     Ok(())
+}
+
+/// Copy-curve points from a report's in-process cases: per method (`kernel`, `dma`,
+/// `dma_batch`), direction and piece size, the GB/s of the largest batch measured. Several layouts
+/// give several piece sizes (an `nhd` block of one layer is two pieces, a `cross_layer` block one
+/// piece of every layer).
+pub fn curve_points(report: &Report) -> Vec<CopyCurvePoint> {
+    let mut best: std::collections::BTreeMap<(CopyMethod, CopyDirection, u64), (u64, f64)> = Default::default();
+    for case in &report.cases {
+        let p = &case.params;
+        let text = |k: &str| p.get(k).and_then(|v| v.as_str());
+        let number = |k: &str| p.get(k).and_then(|v| v.as_u64());
+        if p.get("path").is_some() {
+            continue;
+        }
+        let method = match text("method") {
+            Some("kernel") => CopyMethod::CudaKernel,
+            Some("dma") => CopyMethod::CudaMemcpy,
+            Some("dma_batch") => CopyMethod::CudaMemcpyBatch,
+            _ => continue,
+        };
+        let direction = match text("direction") {
+            Some("d2h") => CopyDirection::D2h,
+            Some("h2d") => CopyDirection::H2d,
+            _ => continue,
+        };
+        let (Some(piece), Some(batch), Some(gbps)) = (number("piece_bytes"), number("batch"), case.gbps) else {
+            continue;
+        };
+        let entry = best.entry((method, direction, piece)).or_insert((batch, gbps));
+        if batch >= entry.0 {
+            *entry = (batch, gbps);
+        }
+    }
+    let measured_at = Some(report.started_at.clone());
+    best.into_iter()
+        .filter(|(_, (_, gbps))| gbps.is_finite() && *gbps > 0.0)
+        .map(|((method, direction, block_bytes), (_, gbps))| CopyCurvePoint {
+            method,
+            direction,
+            block_bytes,
+            gbps: ((gbps * 1000.0).round() / 1000.0).max(0.001),
+            measured_at: measured_at.clone(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case(method: &str, dir: &str, piece: u64, batch: u64, gbps: f64) -> Case {
+        let mut c = Case { name: format!("{dir}_{method}_{piece}_{batch}"), gbps: Some(gbps), ..Case::default() };
+        c.params.insert("method".into(), method.into());
+        c.params.insert("direction".into(), dir.into());
+        c.params.insert("piece_bytes".into(), piece.into());
+        c.params.insert("batch".into(), batch.into());
+        c
+    }
+
+    /// Curve points come from the in-process method cases, the largest batch of each method,
+    /// direction and piece size; the planner's choice and the server path give none.
+    #[test]
+    fn curve_points_keep_the_largest_batch_per_method_direction_and_piece() {
+        let mut report = Report::new("gpu");
+        report.cases = vec![
+            case("kernel", "d2h", 16384, 4096, 50.12345),
+            case("kernel", "d2h", 16384, 64, 40.0),
+            case("dma_batch", "h2d", 16384, 64, 3.5),
+            case("dma", "h2d", 65536, 1024, 10.0),
+            case("planner", "d2h", 16384, 4096, 49.0),
+        ];
+        let mut server = case("dma", "d2h", 16384, 4096, 9.0);
+        server.params.insert("path".into(), "server".into());
+        report.cases.push(server);
+        let got: Vec<(CopyMethod, CopyDirection, u64, f64)> =
+            curve_points(&report).into_iter().map(|p| (p.method, p.direction, p.block_bytes, p.gbps)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (CopyMethod::CudaMemcpy, CopyDirection::H2d, 65536, 10.0),
+                (CopyMethod::CudaMemcpyBatch, CopyDirection::H2d, 16384, 3.5),
+                (CopyMethod::CudaKernel, CopyDirection::D2h, 16384, 50.123),
+            ]
+        );
+    }
 }

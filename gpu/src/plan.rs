@@ -20,6 +20,11 @@
 //!   decode does not get, so it is chosen only where DMA would be slow: many ranges whose average
 //!   is below `dma_min_bytes`, and an SM budget above zero.
 //!
+//! Where the machine's copy curves were measured (`kvloft bench gpu --write-calibration`, the
+//! `[calibration]` section of the topology file), [`Planner::calibrated`] replaces the fixed
+//! 1 MiB bound between the kernel and the copy engines with the smallest piece size from which
+//! this GPU's copy engines reach [`COPY_ENGINE_SHARE`] of the kernel's rate in both directions.
+//!
 //! Kernel ranges longer than `chunk_bytes` are split so that one CTA never serialises a long run
 //! while others idle. The planner is pure: it is tested here and used by the `cuda` backend.
 
@@ -86,6 +91,24 @@ pub struct Planner {
 
 /// Threads per CTA of the copy kernel.
 pub const KERNEL_THREADS: u32 = 512;
+/// A GPU copy method, as copy curves name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CurveMethod {
+    /// One `cuMemcpyAsync` per range.
+    Dma,
+    /// `cuMemcpyBatchAsync`.
+    DmaBatch,
+    /// The gather/scatter kernel.
+    Kernel,
+}
+
+/// Share of the kernel's rate from which the copy engines get a batch: they cost the inference
+/// engine no SMs, so they win a near tie.
+pub const COPY_ENGINE_SHARE: f64 = 0.9;
+
+/// The largest piece size [`Planner::calibrated`] considers for the bound.
+const LARGEST_CALIBRATED_PIECE: u64 = 1 << 30;
+
 /// CTAs per SM of the copy kernel (two of 512 threads fill an SM's 2,048 thread slots halfway).
 pub const CTAS_PER_SM: u32 = 2;
 
@@ -103,6 +126,53 @@ impl Default for Planner {
 }
 
 impl Planner {
+    /// This planner with `dma_min_bytes` set from measured copy curves: `rate(method, d2h,
+    /// piece_bytes)` is the calibrated GB/s of `method` for pieces of that size (`None` where not
+    /// measured). The bound becomes the smallest power-of-two piece size from 4 KiB on at which
+    /// the copy engines (batched where `dma_batch` is set and that is faster) reach
+    /// [`COPY_ENGINE_SHARE`] of the kernel in both directions. Returns the planner and a line
+    /// saying what was decided; unchanged, with no line, when the curves lack the kernel or the
+    /// copy engines in either direction, or when the budget forbids the kernel anyway.
+    pub fn calibrated(self, rate: impl Fn(CurveMethod, bool, u64) -> Option<f64>) -> (Planner, Option<String>) {
+        if self.sm_budget.min(self.sm_count) == 0 {
+            return (self, None);
+        }
+        let engines = |d2h: bool, size: u64| {
+            let batch = if self.dma_batch { rate(CurveMethod::DmaBatch, d2h, size) } else { None };
+            match (rate(CurveMethod::Dma, d2h, size), batch) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            }
+        };
+        let measured = |size: u64| -> Option<bool> {
+            let mut keep_up = true;
+            for d2h in [true, false] {
+                let (kernel, engines) = (rate(CurveMethod::Kernel, d2h, size)?, engines(d2h, size)?);
+                keep_up &= engines >= COPY_ENGINE_SHARE * kernel;
+            }
+            Some(keep_up)
+        };
+        if measured(4096).is_none() {
+            return (self, None);
+        }
+        let mut size = 4096u64;
+        while size <= LARGEST_CALIBRATED_PIECE {
+            if measured(size) == Some(true) {
+                let note = format!(
+                    "copy planner (calibrated): the copy engines from an average run of {size} bytes, the kernel below"
+                );
+                return (Planner { dma_min_bytes: size, ..self }, Some(note));
+            }
+            size *= 2;
+        }
+        let note = format!(
+            "copy planner (calibrated): the copy engines never reach {COPY_ENGINE_SHARE} of the kernel in the \
+             measured curves; keeping the bound at {} bytes",
+            self.dma_min_bytes
+        );
+        (self, Some(note))
+    }
+
     /// The plan for `ranges` (in the order given; merging keeps that order).
     pub fn plan(&self, ranges: &[Range]) -> Plan {
         let merged = merge(ranges);
@@ -216,6 +286,50 @@ mod tests {
         assert_eq!(batch.plan(&one).method, Method::Dma, "a single range needs no batch");
         let contiguous: Vec<Range> = (5..8u64).map(|b| r(b * 65536, (1 << 20) + (b - 5) * 65536, 65536)).collect();
         assert_eq!(batch.plan(&contiguous).method, Method::Dma, "merged into one range");
+    }
+
+    /// Curves like the H100's: the kernel flat near the ceiling, the copy engines climbing with
+    /// the piece size, batched faster than one call per range.
+    fn h100_like(method: CurveMethod, d2h: bool, size: u64) -> Option<f64> {
+        let kib = (size >> 10).max(1) as f64;
+        Some(match method {
+            CurveMethod::Kernel => 50.0,
+            CurveMethod::Dma => (kib / 8.0).min(52.0),
+            CurveMethod::DmaBatch if d2h => (kib / 2.0).min(52.0),
+            CurveMethod::DmaBatch => (kib / 4.0).min(52.0),
+        })
+    }
+
+    #[test]
+    fn calibration_moves_the_bound_to_where_the_copy_engines_keep_up() {
+        // Batched: h2d reaches 45 GB/s (0.9 of 50) at 180 KiB, so 256 KiB is the first power of two.
+        let (p, note) = Planner { dma_batch: true, ..Planner::default() }.calibrated(h100_like);
+        assert_eq!(p.dma_min_bytes, 256 << 10);
+        assert!(note.unwrap().contains("262144 bytes"));
+        // One call per range: 45 GB/s at 360 KiB, so 512 KiB.
+        let (p, _) = Planner::default().calibrated(h100_like);
+        assert_eq!(p.dma_min_bytes, 512 << 10);
+        let ranges: Vec<Range> = (0..100u64).map(|i| r(i << 30, (99 - i) << 20, 600 << 10)).collect();
+        assert_eq!(p.plan(&ranges).method, Method::Dma, "600 KiB runs: copy engines");
+        let ranges: Vec<Range> = (0..100u64).map(|i| r(i << 30, (99 - i) << 20, 300 << 10)).collect();
+        assert!(matches!(p.plan(&ranges).method, Method::Kernel { .. }), "300 KiB runs: the kernel");
+    }
+
+    #[test]
+    fn calibration_without_curves_or_budget_changes_nothing() {
+        let none = |_: CurveMethod, _: bool, _: u64| None;
+        assert_eq!(Planner::default().calibrated(none), (Planner::default(), None));
+        let no_kernel =
+            |m: CurveMethod, d: bool, s: u64| if m == CurveMethod::Kernel { None } else { h100_like(m, d, s) };
+        assert_eq!(Planner::default().calibrated(no_kernel).1, None);
+        let d2h_only = |m: CurveMethod, d: bool, s: u64| if d { h100_like(m, d, s) } else { None };
+        assert_eq!(Planner::default().calibrated(d2h_only).1, None, "both directions are needed");
+        let no_budget = Planner { sm_budget: 0, ..Planner::default() };
+        assert_eq!(no_budget.calibrated(h100_like), (no_budget, None));
+        let slow = |m: CurveMethod, _: bool, _: u64| Some(if m == CurveMethod::Kernel { 50.0 } else { 5.0 });
+        let (p, note) = Planner::default().calibrated(slow);
+        assert_eq!(p, Planner::default());
+        assert!(note.unwrap().contains("never reach"));
     }
 
     #[test]

@@ -20,8 +20,9 @@ use kvloft_engine::index::Reserved;
 use kvloft_engine::key::{BlockHash, BlockKey, SliceKey};
 use kvloft_engine::namespace::NamespaceId;
 use kvloft_gpu::cuda::{Copier, CudaError, CudaMemory, Device, HostRegistration, IpcEvent, SharedEvent};
-use kvloft_gpu::plan::Planner;
+use kvloft_gpu::plan::{CurveMethod, Planner};
 use kvloft_gpu::plan::{Method, Plan};
+use kvloft_topology::model::{CopyDirection, CopyMethod, Topology};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
@@ -68,6 +69,9 @@ struct CopySlot {
     copier: RefCell<Copier>,
     /// Whether the copier batches copy-engine plans (`Copier::has_batch`).
     batch: bool,
+    /// The copy planner for this GPU: the SM budget, the GPU's SMs, batching, and the bound
+    /// between kernel and copy engines from the topology's copy curves where it has them.
+    planner: Planner,
     turn: glommio::sync::Semaphore,
 }
 
@@ -162,10 +166,34 @@ impl ShardCtx {
             eprintln!("kvloft: shard {}: GPU copies use DMA only: {note}", self.id);
         }
         let batch = copier.has_batch();
-        let slot = Rc::new(CopySlot { copier: RefCell::new(copier), batch, turn: glommio::sync::Semaphore::new(1) });
+        let topology = &self.shared.topology;
+        let (planner, note) = Planner {
+            sm_budget: topology.copy.sm_budget,
+            sm_count: dev.sm_count(),
+            dma_batch: batch,
+            ..Planner::default()
+        }
+        .calibrated(|method, d2h, piece| calibrated_rate(topology, method, d2h, piece));
+        if let Some(note) = note {
+            eprintln!("kvloft: shard {}: {note}", self.id);
+        }
+        let slot =
+            Rc::new(CopySlot { copier: RefCell::new(copier), batch, planner, turn: glommio::sync::Semaphore::new(1) });
         self.gpu.copiers.borrow_mut().insert(uuid, slot.clone());
         Ok(slot)
     }
+}
+
+/// The GB/s `topology`'s copy curves give GPU copy `method` for pieces of `piece` bytes, saving
+/// (`d2h`) or loading; `None` where that method and direction were not measured.
+pub fn calibrated_rate(topology: &Topology, method: CurveMethod, d2h: bool, piece: u64) -> Option<f64> {
+    let method = match method {
+        CurveMethod::Dma => CopyMethod::CudaMemcpy,
+        CurveMethod::DmaBatch => CopyMethod::CudaMemcpyBatch,
+        CurveMethod::Kernel => CopyMethod::CudaKernel,
+    };
+    let direction = if d2h { CopyDirection::D2h } else { CopyDirection::H2d };
+    topology.copy_gbps(method, direction, piece)
 }
 
 /// One request's copy on this shard's copier for a GPU. Blocks are planned and queued as they are
@@ -181,13 +209,8 @@ struct CopyRun<'a> {
 }
 
 impl<'a> CopyRun<'a> {
-    fn new(ctx: &ShardCtx, slot: &'a CopySlot, mem: &'a CudaMemory, d2h: bool) -> Self {
-        let planner = Planner {
-            sm_budget: ctx.shared.topology.copy.sm_budget,
-            sm_count: mem.device().sm_count(),
-            dma_batch: slot.batch,
-            ..Planner::default()
-        };
+    fn new(slot: &'a CopySlot, mem: &'a CudaMemory, d2h: bool) -> Self {
+        let planner = slot.planner;
         // Ranges one block becomes once the planner splits long segments for the kernel.
         let chunk = planner.chunk_bytes.max(1);
         let per_block: usize = mem
@@ -388,7 +411,7 @@ pub(crate) async fn save(
         if let (SaveAfter::Event(event), None) = (&after, &copy_error) {
             copy_error = slot.copier.borrow_mut().wait_for(event).err().map(|e| e.to_string());
         }
-        let run = CopyRun::new(ctx, &slot, &mem, true);
+        let run = CopyRun::new(&slot, &mem, true);
         let mut pushed = false;
         // A layer-wise save copies layer-major, so it needs every owner's slots first.
         let mut all_items: Vec<(u32, u64)> = Vec::new();
@@ -479,7 +502,7 @@ pub(crate) async fn load(
             if let Err(e) = &turn {
                 error = Some(format!("copier closed: {e}"));
             }
-            let run = CopyRun::new(ctx, &slot, &mem, false);
+            let run = CopyRun::new(&slot, &mem, false);
             let mut pushed = false;
             let mut all_items: Vec<(u32, u64)> = Vec::new();
             loop {

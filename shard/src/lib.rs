@@ -26,5 +26,6 @@ pub mod signals;
 mod store;
 
 pub use error::ServeError;
+pub use gpu_path::calibrated_rate;
 pub use mesh::MESH_CHANNEL_CAPACITY;
 pub use server::{Server, ShutdownHandle};
