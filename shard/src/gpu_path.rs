@@ -29,7 +29,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Ranges one queued batch holds. A request is cut into batches of whole blocks of at most this
 /// many ranges; the copier queues up to `kvloft_gpu::cuda::copier::SLOTS` of them, so the next
@@ -240,11 +240,11 @@ impl<'a> CopyRun<'a> {
         Ok(())
     }
 
-    /// Plans and queues `items` layer by layer (layer 0 of every block first); before layer `i`
-    /// the stream waits for the worker's `waits[i]` (a layer-wise save).
+    /// Plans and queues `items` layer by layer (layer 0 of every block first); layer `i` is
+    /// queued once the worker's `waits[i]` has fired (a layer-wise save).
     async fn push_layers_after(&self, items: &[(u32, u64)], waits: &[Arc<IpcEvent>]) -> Result<(), String> {
         for (layer, event) in waits.iter().enumerate() {
-            self.slot.copier.borrow_mut().wait_for(event).map_err(|e| e.to_string())?;
+            fired(event, &format!("layer {layer}'s event")).await?;
             let plan = self.planner.plan(&self.mem.layer_ranges(items, layer, self.d2h));
             for part in plan.ranges.chunks(COPIER_RANGES) {
                 submit_marked(self.slot, &Plan { method: plan.method, ranges: part.to_vec() }, &[]).await?;
@@ -298,6 +298,34 @@ impl<'a> CopyRun<'a> {
             }
             glommio::timer::sleep(POLL).await;
         }
+    }
+}
+
+/// How long a save waits for one of the worker's events to fire before it fails.
+pub(crate) const SAVE_EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest pause between two checks of a worker's event.
+const EVENT_POLL_MAX: Duration = Duration::from_millis(1);
+
+/// Waits (without blocking the shard) until the worker's `event` has fired: checked at once,
+/// then at pauses growing from [`POLL`] to [`EVENT_POLL_MAX`]. Fails after
+/// [`SAVE_EVENT_TIMEOUT`], or at once when the driver reports the event broken; `what` names the
+/// event in the error.
+async fn fired(event: &IpcEvent, what: &str) -> Result<(), String> {
+    let start = Instant::now();
+    let mut pause = POLL;
+    loop {
+        match event.fired() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => return Err(format!("the worker's {what} is unusable: {e}")),
+        }
+        if start.elapsed() >= SAVE_EVENT_TIMEOUT {
+            return Err(format!(
+                "the worker's {what} did not fire within {SAVE_EVENT_TIMEOUT:?} (did the worker stop?); nothing was saved"
+            ));
+        }
+        glommio::timer::sleep(pause).await;
+        pause = (pause * 2).min(EVENT_POLL_MAX);
     }
 }
 
@@ -404,12 +432,15 @@ pub(crate) async fn save(
     let mut reserved: Vec<(ShardId, Vec<SliceKey>)> = Vec::new();
     let mut copy_error: Option<String> = None;
     {
+        // The worker's event is awaited here, before this save takes the copier: a copy stream
+        // never waits on the GPU for an event a client controls, so a client that dies before
+        // its event fires fails only its own save.
+        if let SaveAfter::Event(event) = &after {
+            copy_error = fired(event, "after_event").await.err();
+        }
         let turn = slot.turn.acquire_permit(1).await;
         if let Err(e) = &turn {
-            copy_error = Some(format!("copier closed: {e}"));
-        }
-        if let (SaveAfter::Event(event), None) = (&after, &copy_error) {
-            copy_error = slot.copier.borrow_mut().wait_for(event).err().map(|e| e.to_string());
+            copy_error.get_or_insert(format!("copier closed: {e}"));
         }
         let run = CopyRun::new(&slot, &mem, true);
         let mut pushed = false;

@@ -305,14 +305,6 @@ impl Copier {
         check("cuMemcpyBatchAsync", r)
     }
 
-    /// Makes the batches submitted from now on wait (on the GPU, not the CPU) for the work
-    /// another process recorded `event` behind.
-    pub fn wait_for(&mut self, event: &super::memory::IpcEvent) -> Result<(), CudaError> {
-        self.dev.bind()?;
-        // SAFETY: both handles are live; the wait is enqueued on this copier's stream.
-        check("cuStreamWaitEvent", unsafe { sys::cuStreamWaitEvent(self.stream, event.raw(), 0) })
-    }
-
     /// Records `event` on the stream behind every batch submitted so far: another process that
     /// waits on it waits for those copies.
     pub fn record(&mut self, event: &super::memory::SharedEvent) -> Result<(), CudaError> {

@@ -303,9 +303,17 @@ impl IpcEvent {
         Ok(IpcEvent { dev, event })
     }
 
-    /// The raw event, for [`crate::cuda::Copier::wait_for`].
-    pub(crate) fn raw(&self) -> sys::CUevent {
-        self.event
+    /// Whether the work the other process recorded this event behind has finished. An error
+    /// (for instance when that process died and the driver gave up on the event) means the event
+    /// will not fire.
+    pub fn fired(&self) -> Result<bool, CudaError> {
+        self.dev.bind()?;
+        // SAFETY: the event was opened in `open` and lives until Drop.
+        let r = unsafe { sys::cuEventQuery(self.event) };
+        if r == sys::CUresult::CUDA_ERROR_NOT_READY {
+            return Ok(false);
+        }
+        check("cuEventQuery", r).map(|()| true)
     }
 }
 
