@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -158,8 +159,16 @@ def main() -> None:
             failed = True
             print("the server did not stop within 30 s of SIGTERM", flush=True)
         (out / "server.log").write_bytes((work / "server.log").read_bytes())
-    report = {"suite": "gpu-client-death", "command": " ".join(sys.argv), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": {"gpu": torch.cuda.get_device_name(0)}, "cases": cases}
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown")
+    report = {  # the bench report format (docs/src/bench-schema.json)
+        "suite": "gpu-client-death",
+        "machine": {"cpu": cpu, "cores": os.cpu_count() or 0, "numa_nodes": 1,
+                    "gpus": [torch.cuda.get_device_name(0)], "kernel": platform.release(), "hostname": platform.node()},
+        "command": " ".join(sys.argv),
+        "git_rev": os.environ.get("KVLOFT_GIT_REV") or "unknown",
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cases": cases,
+    }
     (out / "gpu-client-death.json").write_text(json.dumps(report, indent=2) + "\n")
     sys.exit(1 if failed else 0)
 
