@@ -115,6 +115,28 @@ struct LeasePins {
     pins: Vec<ItemId>,
 }
 
+/// The slices a lookup found ([`ShardIndex::find_prefix`]) and has yet to pin
+/// ([`ShardIndex::pin_found`]).
+#[derive(Debug, Default)]
+pub struct FoundPrefix {
+    ids: Vec<ItemId>,
+    /// The index's eviction count when they were found: a sealed entry leaves only by eviction,
+    /// so the same count means every id still names the entry found.
+    evictions: u64,
+}
+
+impl FoundPrefix {
+    /// Slices found.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// True when nothing was found.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
 /// Capacity of a new lease's pin list: one lookup usually pins many slices on a shard.
 const FIRST_PIN_CAPACITY: usize = 16;
 
@@ -340,6 +362,84 @@ impl ShardIndex {
             self.expiry.remove(&(lp.expires_ms, lease));
             self.expiry.insert((expires_ms, lease));
             lp.expires_ms = expires_ms;
+        }
+        self.pin_records += n;
+        self.pinned_entries += newly_pinned;
+        self.pinned_main += newly_pinned_main;
+        n
+    }
+
+    /// Finds, without pinning, the sealed slices of namespace `ns` whose block hash and rank are
+    /// `key_at(0)`, `key_at(1)`, ... in order, up to the first that [`ShardIndex::pin_many`] would
+    /// not pin for `lease` (absent, being written, or a bound reached). The result pins exactly
+    /// those slices when passed to [`ShardIndex::pin_found`] before any slice is evicted.
+    ///
+    /// A one-shard lookup answers with the count and pins afterwards: the count is known once the
+    /// slices are found, and as long as nothing runs on the shard in between (a shard is one
+    /// thread) no eviction can come between the answer and its pins, so the client hears back
+    /// without waiting for the pin records (decision 44).
+    pub fn find_prefix<'h>(
+        &mut self,
+        lease: u64,
+        ns: NamespaceId,
+        count: usize,
+        key_at: impl Fn(usize) -> (&'h BlockHash, u16),
+    ) -> FoundPrefix {
+        let mut found = FoundPrefix { ids: Vec::new(), evictions: self.evictions };
+        let room = MAX_PINS_PER_SHARD.saturating_sub(self.pin_records);
+        if count == 0 || room == 0 {
+            return found;
+        }
+        if !self.leases.contains_key(&lease) && self.leases.len() >= MAX_LEASES_PER_SHARD {
+            return found;
+        }
+        let count = count.min(room);
+        found.ids.reserve_exact(count);
+        let ids = &mut found.ids;
+        self.entries.get_prefix_mut(ns, count, key_at, |_, id, e| {
+            if e.state == State::Writing {
+                return false;
+            }
+            ids.push(id);
+            true
+        });
+        found
+    }
+
+    /// Pins for `lease` (expiring at `expires_ms`, as [`ShardIndex::pin_many`]) the slices
+    /// `found` by [`ShardIndex::find_prefix`]; returns how many it pinned. When a slice was evicted
+    /// since they were found, an entry found may be gone, so nothing is pinned and 0 is returned:
+    /// the lease's loads then miss, and the engine recomputes (callers never let that happen).
+    pub fn pin_found(&mut self, lease: u64, expires_ms: u64, found: FoundPrefix) -> usize {
+        if found.evictions != self.evictions {
+            return 0;
+        }
+        let n = found.ids.len();
+        if n == 0 {
+            return 0;
+        }
+        let (mut newly_pinned, mut newly_pinned_main) = (0, 0);
+        self.entries.for_ids_mut(&found.ids, |_, e| {
+            if e.pins == 0 {
+                newly_pinned += 1;
+                newly_pinned_main += usize::from(e.state == State::Main);
+            }
+            e.pins += 1;
+            e.freq = (e.freq + 1).min(FREQ_MAX);
+        });
+        match self.leases.get_mut(&lease) {
+            Some(lp) => {
+                lp.pins.extend_from_slice(&found.ids);
+                if expires_ms > lp.expires_ms {
+                    self.expiry.remove(&(lp.expires_ms, lease));
+                    self.expiry.insert((expires_ms, lease));
+                    lp.expires_ms = expires_ms;
+                }
+            }
+            None => {
+                self.leases.insert(lease, LeasePins { expires_ms, pins: found.ids });
+                self.expiry.insert((expires_ms, lease));
+            }
         }
         self.pin_records += n;
         self.pinned_entries += newly_pinned;
@@ -791,8 +891,9 @@ mod tests {
     fn pin_many_matches_pin_one_by_one() {
         let mut rng = SplitMix64::new(11);
         let (mut one, mut many) = (ShardIndex::new(4 * CHUNK_BYTES, 200), ShardIndex::new(4 * CHUNK_BYTES, 200));
+        let mut split = ShardIndex::new(4 * CHUNK_BYTES, 200);
         for h in 0..60 {
-            for ix in [&mut one, &mut many] {
+            for ix in [&mut one, &mut many, &mut split] {
                 assert!(matches!(ix.reserve(k(h), SZ), Ok(Reserved::Slot(_))));
                 if h % 7 != 3 {
                     assert!(ix.seal(k(h)), "every 7th stays writing");
@@ -813,15 +914,27 @@ mod tests {
             let n = many.pin_many(lease, lease * 10, NS, keys.len(), at, |i, slot| got.push((i, slot)));
             assert_eq!((n, &got), (expect.len(), &expect), "lease {lease}");
             assert_eq!(many.pin_many(lease, 0, NS, 0, |_| unreachable!(), |_, _| panic!()), 0);
-            if lease % 3 == 0 {
-                assert_eq!(one.truncate_pins(lease, 2), many.truncate_pins(lease, 2));
+            // Finding, then pinning what was found, does the same.
+            let found = split.find_prefix(lease, NS, keys.len(), at);
+            assert_eq!(found.len(), expect.len(), "lease {lease}");
+            assert_eq!(split.pin_found(lease, lease * 10, found), expect.len());
+            for (i, slot) in &expect {
+                assert_eq!(split.pinned_slot(keys[*i].1, lease), Some(*slot));
             }
-            one.check();
-            many.check();
-            assert_eq!(
-                (one.leases(), one.pinned(), one.next_expiry_ms()),
-                (many.leases(), many.pinned(), many.next_expiry_ms())
-            );
+            if lease % 3 == 0 {
+                let dropped = one.truncate_pins(lease, 2);
+                assert_eq!(dropped, many.truncate_pins(lease, 2));
+                assert_eq!(dropped, split.truncate_pins(lease, 2));
+            }
+            for ix in [&one, &many, &split] {
+                ix.check();
+            }
+            for ix in [&many, &split] {
+                assert_eq!(
+                    (one.leases(), one.pinned(), one.next_expiry_ms()),
+                    (ix.leases(), ix.pinned(), ix.next_expiry_ms())
+                );
+            }
         }
         // A full lease table refuses a new lease, not more pins for a known one.
         let mut ix = ShardIndex::new(CHUNK_BYTES, 100);
@@ -835,6 +948,29 @@ mod tests {
         assert_eq!(ix.pin_many(u64::MAX, 100, NS, 1, from(1), |_, _| panic!("refused")), 0);
         assert_eq!(ix.pin_many(5, 100, NS, 2, from(1), |i, _| assert_eq!(i, 0)), 1);
         assert_eq!(ix.pin_many(6, 100, NS, 2, from(2), |_, _| panic!("k(2) misses")), 0, "stops at once");
+        ix.check();
+    }
+
+    #[test]
+    fn found_slices_are_not_pinned_after_an_eviction() {
+        // Room for two slices: a third evicts one.
+        let mut ix = ShardIndex::new(CHUNK_BYTES, 2);
+        put(&mut ix, k(1));
+        put(&mut ix, k(2));
+        let keys = [k(1), k(2)];
+        let found = ix.find_prefix(7, NS, 2, |i| (&keys[i].block.hash, keys[i].rank));
+        assert_eq!(found.len(), 2);
+        assert_eq!(ix.pinned(), 0, "finding pins nothing");
+        put(&mut ix, k(3));
+        assert_eq!(ix.evictions(), 1);
+        assert_eq!(ix.pin_found(7, 100, found), 0, "an id found may name another entry now");
+        assert_eq!((ix.pinned(), ix.leases()), (0, 0));
+        ix.check();
+        // Found and pinned with nothing in between: pinned.
+        let keys = [k(3)];
+        let found = ix.find_prefix(8, NS, 1, |i| (&keys[i].block.hash, keys[i].rank));
+        assert_eq!(ix.pin_found(8, 100, found), 1);
+        assert!(ix.pinned_slot(k(3), 8).is_some());
         ix.check();
     }
 

@@ -55,8 +55,15 @@ pub(crate) fn spawn(ctx: Rc<ShardCtx>, stream: UnixStream, peer: Peer, fd: RawFd
         let (out, outbox) = local_channel::new_bounded(OUTBOX_FRAMES);
         let queued = Rc::new(Cell::new(0));
         let writer = glommio::spawn_local(write_loop(writer, outbox, queued.clone()));
-        let conn =
-            Rc::new(Connection { ctx: ctx.clone(), peer, state: RefCell::new(State::default()), out, queued, fd });
+        let conn = Rc::new(Connection {
+            ctx: ctx.clone(),
+            peer,
+            state: RefCell::new(State::default()),
+            out,
+            queued,
+            fd,
+            pending_pins: RefCell::new(None),
+        });
         let _ = conn.clone().read_loop(reader, fd).await;
         conn.close().await;
         drop(conn);
@@ -117,6 +124,8 @@ struct Connection {
     queued: Rc<Cell<usize>>,
     /// The socket, for those direct writes (and the reads of `spin_read`).
     fd: RawFd,
+    /// The pins of the lookup being answered, taken once its reply is written (decision 44).
+    pending_pins: RefCell<Option<store::PendingPins>>,
 }
 
 /// An error to send back: code and text.
@@ -222,6 +231,15 @@ impl Connection {
     /// then leaves in one system call, with no hop through the writer task and the reactor's
     /// submission queue. The writer sends whatever is left.
     async fn send(&self, kind: FrameKind, id: u64, body: &[u8]) {
+        if let Some(rest) = self.send_now(kind, id, body) {
+            self.queue(rest).await;
+        }
+    }
+
+    /// The synchronous part of [`Connection::send`]: writes the frame to the socket when nothing
+    /// is queued for the writer, and returns what the socket did not take (the whole frame when
+    /// something is queued), for [`Connection::queue`].
+    fn send_now(&self, kind: FrameKind, id: u64, body: &[u8]) -> Option<Vec<u8>> {
         let mut frame = Vec::with_capacity(LEN_BYTES + protocol::HEADER_BYTES + body.len());
         protocol::encode(&mut frame, kind, id, body);
         if self.queued.get() == 0 {
@@ -231,13 +249,18 @@ impl Connection {
                 libc::send(self.fd, frame.as_ptr().cast(), frame.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
             };
             if n >= 0 && n as usize == frame.len() {
-                return;
+                return None;
             }
             if n > 0 {
                 frame.drain(..n as usize);
             }
             // Full socket or an error: the writer waits for room, or meets the error and ends.
         }
+        Some(frame)
+    }
+
+    /// Hands the writer task (the rest of) a frame.
+    async fn queue(&self, frame: Vec<u8>) {
         self.queued.set(self.queued.get() + 1);
         let _ = self.out.send(frame).await;
     }
@@ -250,9 +273,26 @@ impl Connection {
     async fn answer(self: &Rc<Self>, frame: &FrameRef<'_>) {
         self.ctx.metrics.requests.inc();
         let id = frame.request_id;
-        match self.reply(frame).await {
-            Ok(reply) => self.send(FrameKind::Reply, id, &protocol::to_body(&reply)).await,
-            Err(Failure(code, message)) => self.error(id, code, message).await,
+        let reply = self.reply(frame).await;
+        // A lookup that answers before it pins: the pins are taken right after the answer's
+        // synchronous write, before anything can await (and let another task evict).
+        let pending = self.pending_pins.take();
+        match reply {
+            Ok(reply) => {
+                let rest = self.send_now(FrameKind::Reply, id, &protocol::to_body(&reply));
+                if let Some(pending) = pending {
+                    self.ctx.pin_found(pending);
+                }
+                if let Some(rest) = rest {
+                    self.queue(rest).await;
+                }
+            }
+            Err(Failure(code, message)) => {
+                if let Some(pending) = pending {
+                    self.ctx.pin_found(pending);
+                }
+                self.error(id, code, message).await
+            }
         }
     }
 
@@ -441,8 +481,10 @@ impl Connection {
                 hashes
             }
         };
-        let (hits, lease) =
+        let store::LookupAnswer { hits, lease, pending } =
             store::lookup(&self.ctx, &instance.name, instance.ns, instance.ranks, hashes, DEFAULT_LEASE_TTL_MS).await?;
+        // Taken by `answer` once the reply is written; nothing awaits before that.
+        *self.pending_pins.borrow_mut() = pending;
         if lease != 0 {
             let mut state = self.state.borrow_mut();
             if state.leases.len() >= MAX_LEASES_PER_CONNECTION {

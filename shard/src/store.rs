@@ -11,7 +11,7 @@
 
 use crate::route::ShardId;
 use crate::shard::{MeshMsg, ShardCtx};
-use kvloft_engine::index::Reserved;
+use kvloft_engine::index::{FoundPrefix, Reserved};
 use kvloft_engine::key::{BlockHash, BlockKey, SliceKey};
 use kvloft_engine::lease::{lease_home, Lease, LeaseError};
 use kvloft_engine::namespace::NamespaceId;
@@ -29,6 +29,26 @@ pub(crate) struct StoreError(pub ErrorCode, pub String);
 #[derive(Debug, Default)]
 pub(crate) struct Probed {
     pub found: Vec<(u32, u16)>,
+}
+
+/// A lookup's answer: `hits` leading hits under `lease` (0 and 0 for none).
+#[derive(Debug)]
+pub(crate) struct LookupAnswer {
+    pub hits: u32,
+    pub lease: u64,
+    /// Pins still to take: the caller answers the client first and then passes this to
+    /// [`ShardCtx::pin_found`] with no await in between (see [`ShardIndex::find_prefix`]).
+    ///
+    /// [`ShardIndex::find_prefix`]: kvloft_engine::index::ShardIndex::find_prefix
+    pub pending: Option<PendingPins>,
+}
+
+/// Slices a lookup found on this shard and answered with, not yet pinned.
+#[derive(Debug)]
+pub(crate) struct PendingPins {
+    lease: u64,
+    expires_ms: u64,
+    found: FoundPrefix,
 }
 
 /// What an owner did with a batch of saves.
@@ -129,16 +149,12 @@ impl ShardCtx {
     pub(crate) fn owner_op(&self, op: OwnerOp) {
         match op {
             OwnerOp::Probe { lease, expires_ms, ns, keys, reply } => {
-                let mut out = Probed { found: Vec::with_capacity(keys.len()) };
-                self.probe(
-                    lease,
-                    expires_ms,
-                    ns,
-                    keys.len(),
-                    |i| (&keys[i].1, keys[i].2),
-                    |i| out.found.push((keys[i].0, keys[i].2)),
-                );
+                // Answer first, pin after: this handler is synchronous, so nothing can evict in
+                // between, and the lookup's shard hears back without waiting for the pin records.
+                let found = self.find_prefix(lease, ns, keys.len(), |i| (&keys[i].1, keys[i].2));
+                let out = Probed { found: keys[..found.len()].iter().map(|k| (k.0, k.2)).collect() };
                 let _ = reply.try_send(out);
+                self.pin_found(PendingPins { lease, expires_ms, found });
             }
             OwnerOp::Unpin { lease, keep } => {
                 self.index.borrow_mut().truncate_pins(lease, keep);
@@ -178,6 +194,35 @@ impl ShardCtx {
         self.counters.hits.set(self.counters.hits.get() + hits as u64);
         self.counters.misses.set(self.counters.misses.get() + (count - hits) as u64);
         hits
+    }
+
+    /// Finds, without pinning, the leading sealed slices of `ns` named by `key_at(0..count)` for
+    /// `lease` (see [`kvloft_engine::index::ShardIndex::find_prefix`]) and counts hits and misses.
+    fn find_prefix<'h>(
+        &self,
+        lease: u64,
+        ns: NamespaceId,
+        count: usize,
+        key_at: impl Fn(usize) -> (&'h BlockHash, u16),
+    ) -> FoundPrefix {
+        let found = self.index.borrow_mut().find_prefix(lease, ns, count, key_at);
+        self.counters.hits.set(self.counters.hits.get() + found.len() as u64);
+        self.counters.misses.set(self.counters.misses.get() + (count - found.len()) as u64);
+        found
+    }
+
+    /// Takes a lookup's pending pins. Must follow the lookup with no await in between, so that no
+    /// eviction falls between finding the slices and pinning them; if one did, nothing is pinned
+    /// and the lease's loads miss (the engine recomputes), which the warning below reports.
+    pub(crate) fn pin_found(&self, pending: PendingPins) {
+        let want = pending.found.len();
+        let pinned = self.index.borrow_mut().pin_found(pending.lease, pending.expires_ms, pending.found);
+        if pinned != want {
+            eprintln!(
+                "kvloft: shard {}: lease {:x}: {want} slices changed between lookup and pinning; its loads will miss",
+                self.id, pending.lease
+            );
+        }
     }
 
     fn save_slices(&self, mem: &HostMemory, slice_bytes: u64, items: Vec<(SliceKey, u32)>) -> Saved {
@@ -500,7 +545,7 @@ pub(crate) async fn lookup(
     ranks: u32,
     hashes: Vec<BlockHash>,
     ttl_ms: u64,
-) -> Result<(u32, u64), StoreError> {
+) -> Result<LookupAnswer, StoreError> {
     let lease = ctx.leases.borrow_mut().next_id();
     let expires_ms = ctx.now_ms() + ttl_ms;
     let n = hashes.len();
@@ -523,10 +568,13 @@ pub(crate) async fn lookup(
     // the positions it owns; `ranks` slices per position.
     let per = ranks.max(1) as usize;
     if single && per == 1 {
-        // The common case: the probe stops at the first miss, so what it pinned is the leading
-        // hits, and no per-position tally is needed.
-        let hits = ctx.probe(lease, expires_ms, ns, n, |i| (&hashes[i], 0), |_| {});
-        return Ok(finish_lookup(ctx, instance, ns, ranks, hashes, expires_ms, lease, hits, vec![ctx.id]));
+        // The common case: the search stops at the first miss, so what it found is the leading
+        // hits, and no per-position tally is needed. The pins are taken after the answer leaves.
+        let found = ctx.find_prefix(lease, ns, n, |i| (&hashes[i], 0));
+        let (hits, lease) =
+            finish_lookup(ctx, instance, ns, ranks, hashes, expires_ms, lease, found.len(), vec![ctx.id]);
+        let pending = (hits > 0).then_some(PendingPins { lease, expires_ms, found });
+        return Ok(LookupAnswer { hits, lease, pending });
     }
     let mut found = vec![0u32; n];
     if single {
@@ -585,7 +633,8 @@ pub(crate) async fn lookup(
             }
         }
     }
-    Ok(finish_lookup(ctx, instance, ns, ranks, hashes, expires_ms, lease, hits, kept_owners))
+    let (hits, lease) = finish_lookup(ctx, instance, ns, ranks, hashes, expires_ms, lease, hits, kept_owners);
+    Ok(LookupAnswer { hits, lease, pending: None })
 }
 
 /// Records the lease of a lookup whose first `hits` hashes are pinned (by `owners`, and only

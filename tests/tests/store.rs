@@ -187,7 +187,21 @@ fn prefix_hits_stop_at_the_first_missing_block() {
 #[test]
 fn eviction_spares_leased_blocks() {
     // 8 MiB over the shards: about 2,000 slices of 4 KiB in all.
-    let server = TestServer::start(&["--pool-size", "8MiB"]);
+    eviction_spares_leased_blocks_on(TestServer::start(&["--pool-size", "8MiB"]));
+}
+
+#[test]
+fn eviction_spares_leased_blocks_on_one_shard() {
+    // One shard answers a lookup before it pins (decision 44): the pins must still hold.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("one-shard.toml");
+    std::fs::write(&config, "[[shard]]\ncore = 0\n").unwrap();
+    let server = TestServer::start(&["--pool-size", "8MiB", "--config", config.to_str().unwrap()]);
+    assert_eq!(server.client().unwrap().stats().unwrap().shards.len(), 1);
+    eviction_spares_leased_blocks_on(server);
+}
+
+fn eviction_spares_leased_blocks_on(server: TestServer) {
     let n = 6_000usize;
     let mut cache = Cache::new(n);
     for i in 0..n {
