@@ -87,7 +87,12 @@ pub fn run(opts: &CalibrateOptions) -> Result<Calibration, CopyError> {
     let machine = kvloft_topology::discover().map_err(|e| CopyError::Discover(e.to_string()))?;
     let place = placement::resolve(&machine, opts.node, opts.cpu)?;
     let mut report = Report::new("calibrate");
-    let mut notes = vec![crate::copy::backend_note(&report.machine.gpus)];
+    let mut notes = vec![match report.machine.gpus.first() {
+        None => "no GPU: measuring the host backend's copy methods".to_string(),
+        Some(g) => {
+            format!("GPU found ({g}): measuring the host backend's copy methods, then the GPU's (unless --gpu off)")
+        }
+    }];
     notes.extend(place.notes.iter().cloned());
     let say = |line: &str| {
         if opts.print {
@@ -338,6 +343,67 @@ pub struct CalibrateArgs {
     /// Also write the measurements as a JSON result file.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Also measure the GPU copy methods (copy kernel, one copy-engine call per range, batched
+    /// copy-engine calls) for the `cuda` backend's planner: `auto` does when a CUDA driver and
+    /// the GPU are there, `on` fails without them, `off` never does.
+    #[arg(long, value_enum, default_value_t = GpuCurves::Auto)]
+    pub gpu: GpuCurves,
+    /// The GPU to measure (CUDA ordinal).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub gpu_ordinal: usize,
+    /// SMs the copy kernel may use while it is measured: the server's `[copy] sm-budget`.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub sm_budget: u32,
+}
+
+/// Whether `kvloft bench calibrate` measures the GPU copy methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GpuCurves {
+    /// When a CUDA driver and the GPU are present.
+    Auto,
+    /// Always; no driver or GPU is an error.
+    On,
+    /// Never.
+    Off,
+}
+
+/// The GPU part of the calibration: the in-process cases of `kvloft bench gpu` over the layouts
+/// whose runs span 16 KiB to 8 MiB (`nhd` and `mla` blocks of 16, 64 and 256 KiB, and
+/// `cross_layer` blocks of 32 layers of them), batches of 256 and 1,024 blocks, every case verified
+/// byte for byte before it is timed; returns their copy-curve points and cases. `None` when
+/// `auto` finds no driver or GPU (the reason is printed).
+fn gpu_curves(args: &CalibrateArgs) -> Result<Option<(Vec<CopyCurvePoint>, Report)>, CopyError> {
+    if args.gpu == GpuCurves::Off {
+        return Ok(None);
+    }
+    if args.gpu == GpuCurves::Auto && !kvloft_gpu::cuda::device::driver_present() {
+        eprintln!("no CUDA driver here: the GPU copy methods are not measured (--gpu on to insist)");
+        return Ok(None);
+    }
+    let gpu = crate::gpu::GpuArgs {
+        gpu: args.gpu_ordinal,
+        block_bytes: vec![16 << 10, 64 << 10, 256 << 10],
+        batches: vec![256, 1024],
+        layers: 32,
+        layouts: ["nhd", "mla", "cross_layer"].map(String::from).to_vec(),
+        sm_budget: args.sm_budget,
+        max_batch_bytes: 2 << 30,
+        repetitions: args.repetitions.clamp(1, 3),
+        out: PathBuf::new(),
+        server: false,
+        server_pool_bytes: 0,
+        server_spin_us: None,
+        server_shards: None,
+        write_calibration: None,
+    };
+    match crate::gpu::run(&gpu) {
+        Ok(report) => Ok(Some((crate::gpu::curve_points(&report), report))),
+        Err(crate::gpu::GpuBenchError::Cuda(e)) if args.gpu == GpuCurves::Auto => {
+            eprintln!("GPU {} cannot be measured ({e}): the GPU copy methods are not measured", args.gpu_ordinal);
+            Ok(None)
+        }
+        Err(e) => Err(CopyError::Invalid(format!("measuring GPU {}: {e}", args.gpu_ordinal))),
+    }
 }
 
 /// `kvloft bench calibrate`: measures, then prints the section or rewrites `--config`.
@@ -353,7 +419,13 @@ pub fn main(args: &CalibrateArgs) -> Result<(), CopyError> {
         print: true,
         ..CalibrateOptions::default()
     };
-    let cal = run(&opts)?;
+    let mut cal = run(&opts)?;
+    if let Some((points, gpu_report)) = gpu_curves(args)? {
+        eprintln!("measured {} GPU copy-curve points", points.len());
+        cal.points.extend(points);
+        cal.points.sort_by_key(|p| (p.method, p.direction, p.block_bytes));
+        cal.report.cases.extend(gpu_report.cases);
+    }
     if let Some(out) = &args.out {
         cal.report.write(out).map_err(|source| CopyError::Write { path: out.clone(), source })?;
         eprintln!("wrote {}", out.display());

@@ -75,3 +75,21 @@ fn missing_file_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the topology file"));
 }
+
+#[test]
+fn calibrate_measures_the_gpu_only_where_there_is_one() {
+    let tiny = ["bench", "calibrate", "--block-bytes", "4K", "--batch-bytes", "1MiB", "--repetitions", "1"];
+    let auto = kvloft(&tiny);
+    assert!(auto.status.success(), "{}", String::from_utf8_lossy(&auto.stderr));
+    let section = String::from_utf8_lossy(&auto.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&auto.stderr).to_string();
+    if !stderr.contains("no CUDA driver here") {
+        return; // a GPU machine: its curves are checked by the device runs (bench/results)
+    }
+    assert!(section.contains("method = \"memcpy\"") && !section.contains("cuda_"), "{section}");
+    // Insisting on the GPU without a driver fails, saying why.
+    let on = kvloft(&[&tiny[..], &["--gpu", "on"]].concat());
+    assert!(!on.status.success());
+    let err = String::from_utf8_lossy(&on.stderr);
+    assert!(err.contains("measuring GPU 0") && err.contains("CUDA driver"), "{err}");
+}
