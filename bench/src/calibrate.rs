@@ -395,6 +395,9 @@ fn gpu_curves(args: &CalibrateArgs) -> Result<Option<(Vec<CopyCurvePoint>, Repor
         server_spin_us: None,
         server_shards: None,
         write_calibration: None,
+        // The copy curves' methods only.
+        methods: ["kernel", "dma", "dma_batch"].map(String::from).to_vec(),
+        staging_bytes: 0,
     };
     match crate::gpu::run(&gpu) {
         Ok(report) => Ok(Some((crate::gpu::curve_points(&report), report))),

@@ -19,7 +19,8 @@
 use crate::report::{Case, Report};
 use hdrhistogram::Histogram;
 use kvloft_engine::protocol::{LayerMemory, NamespaceSpec};
-use kvloft_gpu::cuda::{Copier, CudaError, Device, DeviceBuffer, HostRegistration};
+use kvloft_gpu::blocks::{BlockPair, BlockTemplate};
+use kvloft_gpu::cuda::{BlockJob, Copier, CudaError, Device, DeviceBuffer, HostRegistration};
 use kvloft_gpu::plan::{Method, Plan, Planner, Range, CTAS_PER_SM, KERNEL_THREADS};
 use kvloft_gpu::Arena;
 use kvloft_shard::client::Client;
@@ -82,7 +83,18 @@ pub struct GpuArgs {
     /// file kept), for the copy planner of a server started with it.
     #[arg(long, value_name = "FILE")]
     pub write_calibration: Option<PathBuf>,
+    /// In-process methods to time, comma-separated: `kernel`, `dma`, `dma_batch`, `planner`,
+    /// `blocks` (the block kernel over PCIe) and `staged` (the block kernel through a device
+    /// staging buffer and the copy engines). Every method's bytes are verified first.
+    #[arg(long, value_delimiter = ',', default_values_t = METHODS.map(String::from))]
+    pub methods: Vec<String>,
+    /// GPU memory of the staging buffer for `staged` copies (the server's `[copy] staging`).
+    #[arg(long, default_value_t = kvloft_topology::model::DEFAULT_STAGING_BYTES)]
+    pub staging_bytes: u64,
 }
+
+/// In-process methods the suite can time.
+pub const METHODS: [&str; 6] = ["kernel", "dma", "dma_batch", "planner", "blocks", "staged"];
 
 /// Why the suite failed.
 #[derive(Debug, thiserror::Error)]
@@ -231,6 +243,17 @@ impl Engine {
         Ok((layers, ipc))
     }
 
+    /// The cache's layers with `base` as device addresses, as a server sees them once it opened
+    /// the IPC handles.
+    fn device_layers(&self) -> Result<Vec<LayerMemory>, CudaError> {
+        let (mut layers, _) = self.registration()?;
+        for (l, layer) in layers.iter_mut().enumerate() {
+            let buf = if self.layout == "cross_layer" { 0 } else { l };
+            layer.base += self.buffers[buf].ptr();
+        }
+        Ok(layers)
+    }
+
     /// Checks that blocks `b` hold what blocks `a` held (read back from the GPU), then records
     /// that in the mirror.
     fn check_loaded(&mut self, a: &[u64], b: &[u64]) -> Result<(), GpuBenchError> {
@@ -303,6 +326,11 @@ pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
             return Err(GpuBenchError::Args(format!("unknown layout {l:?}; use {}", LAYOUTS.join(", "))));
         }
     }
+    for m in &args.methods {
+        if !METHODS.contains(&m.as_str()) {
+            return Err(GpuBenchError::Args(format!("unknown method {m:?}; use {}", METHODS.join(", "))));
+        }
+    }
     if args.block_bytes.iter().any(|&b| b < 32 || b % 32 != 0) {
         return Err(GpuBenchError::Args("block sizes must be multiples of 32 bytes".into()));
     }
@@ -328,6 +356,9 @@ pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
         eprintln!(
             "dma_batch: this driver has no cuMemcpyBatchAsync (CUDA 12.8+); batched plans use one call per range"
         );
+    }
+    if args.staging_bytes > 0 && copier.has_kernel() && args.methods.iter().any(|m| m == "staged") {
+        copier.set_staging(args.staging_bytes)?;
     }
     let planner = Planner {
         sm_budget: args.sm_budget,
@@ -371,14 +402,63 @@ pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
                 }
                 let (a, b) = (ids[..batch].to_vec(), ids[batch..2 * batch].to_vec());
                 let bytes = batch as u64 * slice;
-                verify(&mut engine, &mut copier, &arena, pool, &poison, (&a, &b), &planner)?;
+                verify(&mut engine, &mut copier, &arena, pool, &poison, (&a, &b), (&planner, args))?;
                 for (dir, d2h) in [("d2h", true), ("h2d", false)] {
                     let blocks = if d2h { &a } else { &b };
                     let ranges = engine.ranges(blocks, pool, d2h);
                     let ceiling =
                         time_plan(&mut copier, &contiguous(&ceiling_buf, pool, bytes, d2h), args.repetitions)?;
                     let ceiling_gbps = bytes as f64 / ceiling / 1e9;
-                    for method in ["kernel", "dma", "dma_batch", "planner"] {
+                    for method in args.methods.iter().map(String::as_str) {
+                        if let "blocks" | "staged" = method {
+                            let staged = method == "staged";
+                            if !block_way_usable(&copier, &engine, args.sm_budget, staged) {
+                                continue;
+                            }
+                            let way = Way::Blocks { staged, ctas: args.sm_budget * CTAS_PER_SM };
+                            let mut h = Histogram::<u64>::new(3).expect("histogram");
+                            let mut times = Vec::new();
+                            for _ in 0..args.repetitions.max(1) {
+                                let s = move_blocks(&mut copier, &engine, &way, blocks, pool, d2h)?;
+                                times.push(s);
+                                let _ = h.record((s * 1e9) as u64);
+                            }
+                            times.sort_by(f64::total_cmp);
+                            let median = times[times.len() / 2];
+                            let gbps = bytes as f64 / median / 1e9;
+                            let mut case = Case {
+                                name: format!("{dir}_{layout}_{}k_b{batch}_{method}", block_bytes >> 10),
+                                gbps: Some(gbps),
+                                ceiling_gbps: Some(ceiling_gbps),
+                                ratio: Some(gbps / ceiling_gbps),
+                                ..Case::default()
+                            }
+                            .with_latency(&h);
+                            let p = &mut case.params;
+                            p.insert("direction".into(), dir.into());
+                            p.insert("layout".into(), layout.as_str().into());
+                            p.insert("block_bytes".into(), block_bytes.into());
+                            p.insert("batch".into(), batch.into());
+                            p.insert("layers".into(), args.layers.into());
+                            p.insert("bytes".into(), bytes.into());
+                            p.insert("method".into(), method.into());
+                            p.insert("plan".into(), method.into());
+                            p.insert("sm_used".into(), args.sm_budget.into());
+                            if staged {
+                                p.insert("staging_bytes".into(), args.staging_bytes.into());
+                            }
+                            p.insert("verified".into(), true.into());
+                            eprintln!(
+                                "{:<36} {:>7.2} GB/s  ceiling {:>6.2}  ratio {:.2}  ({method}, {} SMs)",
+                                case.name,
+                                gbps,
+                                ceiling_gbps,
+                                gbps / ceiling_gbps,
+                                args.sm_budget
+                            );
+                            report.cases.push(case);
+                            continue;
+                        }
                         let plan = match method {
                             "kernel" if copier.has_kernel() && args.sm_budget > 0 => {
                                 let mut p =
@@ -487,6 +567,7 @@ fn server_config(args: &GpuArgs) -> Result<tempfile::NamedTempFile, GpuBenchErro
     let mut topology =
         kvloft_topology::validate::embedded_default(&machine).map_err(|d| GpuBenchError::Args(d.to_string()))?.topology;
     topology.copy.sm_budget = args.sm_budget;
+    topology.copy.staging_bytes = args.staging_bytes;
     if let Some(us) = args.server_spin_us {
         topology.server.spin_us = us;
     }
@@ -630,8 +711,58 @@ fn time_plan(copier: &mut Copier, plan: &Plan, reps: u32) -> Result<f64, GpuBenc
     Ok(t[t.len() / 2])
 }
 
+/// How a verified or timed batch moves: a plan of ranges, or the block kernel
+/// (`kvloft_gpu::blocks`) over PCIe or staged through device memory.
+enum Way {
+    Plan(Planner),
+    Blocks { staged: bool, ctas: u32 },
+}
+
+/// Whether the block kernel can move `engine`'s blocks here (kernel loaded, SMs allowed) and,
+/// when `staged`, a staging part holds one block's slice.
+fn block_way_usable(copier: &Copier, engine: &Engine, sm_budget: u32, staged: bool) -> bool {
+    copier.has_kernel() && sm_budget > 0 && (!staged || copier.staging_part_bytes() >= engine.slice_bytes())
+}
+
+/// Moves `blocks` to (d2h) or from consecutive pool slots at `pool` with the block kernel and
+/// returns the seconds from submission to completion.
+fn move_blocks(
+    copier: &mut Copier,
+    engine: &Engine,
+    way: &Way,
+    blocks: &[u64],
+    pool: u64,
+    d2h: bool,
+) -> Result<f64, GpuBenchError> {
+    let Way::Blocks { staged, ctas } = *way else { return Err(GpuBenchError::Args("not a block way".into())) };
+    let template = BlockTemplate::new(&engine.device_layers()?, Planner::default().chunk_bytes);
+    let pairs: Vec<BlockPair> = blocks
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| BlockPair::new(b as u32, pool + i as u64 * engine.slice_bytes()))
+        .collect();
+    let per_batch = copier.block_capacity(template.pieces.len()).max(1);
+    let t0 = Instant::now();
+    for chunk in pairs.chunks(per_batch) {
+        let job = BlockJob {
+            pieces: &template.pieces,
+            pairs: chunk,
+            slice_bytes: template.slice_bytes,
+            d2h,
+            ctas,
+            threads: KERNEL_THREADS,
+            staged,
+        };
+        // SAFETY: every block id is below the engine's block count and every slot lies in the
+        // registered arena (batches are capped at its size); we wait before reuse.
+        unsafe { copier.submit_blocks(&job)? };
+    }
+    copier.wait()?;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
 /// Saves blocks `a` into the pool and checks the pool; loads them into blocks `b` (poisoned
-/// first) and checks the engine memory; once with the kernel and once with DMA.
+/// first) and checks the engine memory; once per way of moving them.
 fn verify(
     engine: &mut Engine,
     copier: &mut Copier,
@@ -639,17 +770,28 @@ fn verify(
     pool: u64,
     poison: &DeviceBuffer,
     (a, b): (&[u64], &[u64]),
-    planner: &Planner,
+    (planner, args): (&Planner, &GpuArgs),
 ) -> Result<(), GpuBenchError> {
-    // The kernel, then the copy engines one call per range, then batched (where the driver can).
-    let planners = [
-        Planner { kernel_min_ranges: 1, dma_min_bytes: u64::MAX, ..*planner },
-        Planner { sm_budget: 0, dma_batch: false, ..*planner },
-        Planner { sm_budget: 0, dma_batch: true, ..*planner },
+    // The kernel, then the copy engines one call per range, then batched (where the driver can),
+    // then the block kernel over PCIe and staged, where they can run here.
+    let mut ways = vec![
+        Way::Plan(Planner { kernel_min_ranges: 1, dma_min_bytes: u64::MAX, ..*planner }),
+        Way::Plan(Planner { sm_budget: 0, dma_batch: false, ..*planner }),
+        Way::Plan(Planner { sm_budget: 0, dma_batch: true, ..*planner }),
     ];
-    for p in planners {
+    for staged in [false, true] {
+        let method = if staged { "staged" } else { "blocks" };
+        if args.methods.iter().any(|m| m == method) && block_way_usable(copier, engine, args.sm_budget, staged) {
+            ways.push(Way::Blocks { staged, ctas: args.sm_budget * CTAS_PER_SM });
+        }
+    }
+    for way in &ways {
+        let move_ = |copier: &mut Copier, engine: &Engine, blocks: &[u64], d2h: bool| match way {
+            Way::Plan(p) => time_once(copier, &p.plan(&engine.ranges(blocks, pool, d2h))),
+            blocks_way => move_blocks(copier, engine, blocks_way, blocks, pool, d2h),
+        };
         // Save A and check every slot against the engine's bytes.
-        time_once(copier, &p.plan(&engine.ranges(a, pool, true)))?;
+        move_(copier, engine, a, true)?;
         let mut got = Vec::new();
         for (i, &blk) in a.iter().enumerate() {
             for (buf, off, len, in_slot) in engine.runs(blk) {
@@ -670,7 +812,7 @@ fn verify(
             .map(|(buf, off, len, _)| Range { src: poison.ptr(), dst: engine.buffers[buf].ptr() + off, len })
             .collect();
         time_once(copier, &Plan { method: Method::Dma, ranges: kvloft_gpu::plan::merge(&poison_ranges) })?;
-        time_once(copier, &p.plan(&engine.ranges(b, pool, false)))?;
+        move_(copier, engine, b, false)?;
         let device: Vec<Vec<u8>> = engine
             .buffers
             .iter()

@@ -10,6 +10,9 @@
 //!
 //! - [`plan`]: the copy planner (merge adjacent ranges; DMA or a gather/scatter kernel within an
 //!   SM budget), pure and tested everywhere.
+//! - [`blocks`]: block copies the GPU expands itself: a block's template of pieces, one
+//!   (block, slot) pair per block, and the chunks and slot runs of a copy staged through device
+//!   memory.
 //! - [`cuda`]: the `cuda` backend (cudarc, loaded at run time, so the same binary runs where no
 //!   driver exists): GPUs by ordinal or UUID, CUDA IPC import, pool registration, the NVRTC copy
 //!   kernel and a copier that moves planned batches on its own stream.
@@ -20,6 +23,7 @@
 
 #[allow(unsafe_code)]
 pub mod arena;
+pub mod blocks;
 #[allow(unsafe_code)]
 pub mod cuda;
 #[allow(unsafe_code)]

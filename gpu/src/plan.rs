@@ -189,6 +189,22 @@ impl Planner {
     }
 }
 
+impl Planner {
+    /// The block kernel's launch for `blocks` blocks shaped like `template`
+    /// ([`crate::blocks`]), or `None` where the planner sends such a batch to the copy engines
+    /// (no SM budget, too few pieces, or runs that average at least `dma_min_bytes`): the same
+    /// decision as [`Planner::plan`] on the batch's ranges, weighed on one block's runs.
+    pub fn block_kernel(&self, template: &crate::blocks::BlockTemplate, blocks: usize) -> Option<Method> {
+        let sms = self.sm_budget.min(self.sm_count);
+        let work = template.pieces.len().saturating_mul(blocks);
+        if sms == 0 || work == 0 || work < self.kernel_min_ranges || template.merged_average >= self.dma_min_bytes {
+            return None;
+        }
+        let ctas = (sms * CTAS_PER_SM).min(u32::try_from(work).unwrap_or(u32::MAX)).max(1);
+        Some(Method::Kernel { ctas, threads: KERNEL_THREADS })
+    }
+}
+
 /// Merges each range into the one before it when both its source and destination continue it.
 pub fn merge(ranges: &[Range]) -> Vec<Range> {
     let mut out: Vec<Range> = Vec::with_capacity(ranges.len());
@@ -330,6 +346,35 @@ mod tests {
         let (p, note) = Planner::default().calibrated(slow);
         assert_eq!(p, Planner::default());
         assert!(note.unwrap().contains("never reach"));
+    }
+
+    #[test]
+    fn block_kernels_follow_the_range_planner() {
+        use crate::blocks::BlockTemplate;
+        use kvloft_engine::protocol::LayerMemory;
+        let layer = |base: u64, bytes: u64| LayerMemory {
+            base,
+            num_blocks: 1000,
+            block_stride: bytes,
+            segments: 1,
+            segment_stride: 0,
+            segment_bytes: bytes,
+        };
+        let small = BlockTemplate::new(&(0..32u64).map(|i| layer(i << 32, 16384)).collect::<Vec<_>>(), 64 << 10);
+        assert_eq!(Planner::default().block_kernel(&small, 64), Some(Method::Kernel { ctas: 32, threads: 512 }));
+        assert_eq!(Planner { sm_budget: 0, ..Planner::default() }.block_kernel(&small, 64), None, "no SMs");
+        assert_eq!(Planner::default().block_kernel(&small, 0), None, "nothing to move");
+        assert_eq!(
+            Planner::default().block_kernel(&small, 1),
+            Some(Method::Kernel { ctas: 32, threads: 512 }),
+            "32 pieces of one block are enough"
+        );
+        let few = BlockTemplate::new(&[layer(0, 16384)], 64 << 10);
+        assert_eq!(Planner::default().block_kernel(&few, 4), None, "4 pieces: below kernel_min_ranges");
+        assert_eq!(Planner::default().block_kernel(&few, 10), Some(Method::Kernel { ctas: 10, threads: 512 }));
+        let big = BlockTemplate::new(&[layer(0, 2 << 20)], 64 << 10);
+        assert_eq!(big.pieces.len(), 32, "split for the kernel");
+        assert_eq!(Planner::default().block_kernel(&big, 100), None, "2 MiB runs: copy engines");
     }
 
     #[test]

@@ -546,10 +546,11 @@ impl Connection {
         let count = items.len() as u32;
         let conn = self.clone();
         glommio::spawn_local(async move {
-            let s = store::save(&conn.ctx, mem, instance.ns, rank, items, after).await;
+            let (s, followup) = store::save(&conn.ctx, mem, instance.ns, rank, items, after).await;
             let done =
                 Event::SaveDone(SaveDone { saved: s.saved, present: s.present, failed: s.failed, error: s.error });
             conn.send(FrameKind::Event, request_id, &protocol::to_body(&done)).await;
+            followup.send(&conn.ctx).await;
         })
         .detach();
         Ok(Reply::Save(Queued { blocks: count }))
@@ -647,9 +648,10 @@ impl Connection {
             Layerwise { events, announce }
         });
         glommio::spawn_local(async move {
-            let l = store::load_copy(&conn.ctx, mem, plan, block_ids, layerwise).await;
+            let (l, followup) = store::load_copy(&conn.ctx, mem, plan, block_ids, layerwise).await;
             let done = Event::LoadDone(LoadDone { loaded: l.loaded, error: l.error });
             conn.send(FrameKind::Event, request_id, &protocol::to_body(&done)).await;
+            followup.send(&conn.ctx).await;
         })
         .detach();
         Ok(Reply::Load(Queued { blocks: count }))

@@ -19,7 +19,8 @@ use crate::store::{by_owner, Loaded, OwnerOp, Saved};
 use kvloft_engine::index::Reserved;
 use kvloft_engine::key::{BlockHash, BlockKey, SliceKey};
 use kvloft_engine::namespace::NamespaceId;
-use kvloft_gpu::cuda::{Copier, CudaError, CudaMemory, Device, HostRegistration, IpcEvent, SharedEvent};
+use kvloft_gpu::blocks::{BlockPair, BlockTemplate};
+use kvloft_gpu::cuda::{BlockJob, Copier, CudaError, CudaMemory, Device, HostRegistration, IpcEvent, SharedEvent};
 use kvloft_gpu::plan::{CurveMethod, Planner};
 use kvloft_gpu::plan::{Method, Plan};
 use kvloft_topology::model::{CopyDirection, CopyMethod, Topology};
@@ -36,7 +37,7 @@ use std::time::{Duration, Instant};
 /// batch is planned while the GPU moves the previous ones.
 const COPIER_RANGES: usize = 1 << 14;
 /// How often a copy in flight is polled.
-const POLL: Duration = Duration::from_micros(20);
+const POLL: Duration = Duration::from_micros(5);
 
 /// Slots an owner reserved for a GPU save.
 #[derive(Debug, Default)]
@@ -167,6 +168,17 @@ impl ShardCtx {
         }
         let batch = copier.has_batch();
         let topology = &self.shared.topology;
+        let mut copier = copier;
+        let staging = topology.copy.staging_bytes;
+        if staging > 0 && topology.copy.sm_budget > 0 && copier.has_kernel() {
+            if let Err(e) = copier.set_staging(staging) {
+                eprintln!(
+                    "kvloft: shard {}: no staging buffer of {staging} bytes on the GPU ({e}); the copy kernel moves \
+                     blocks over PCIe itself (lower [copy] staging, or set it to 0 to silence this)",
+                    self.id
+                );
+            }
+        }
         let (planner, note) = Planner {
             sm_budget: topology.copy.sm_budget,
             sm_count: dev.sm_count(),
@@ -206,6 +218,8 @@ struct CopyRun<'a> {
     /// Blocks per queued batch, so that a batch fits the copier's range table.
     chunk_blocks: usize,
     d2h: bool,
+    /// Every block's shape, for the block kernel (`kvloft_gpu::blocks`).
+    template: BlockTemplate,
 }
 
 impl<'a> CopyRun<'a> {
@@ -219,12 +233,43 @@ impl<'a> CopyRun<'a> {
             .map(|l| l.segments as usize * l.segment_bytes.div_ceil(chunk) as usize)
             .sum::<usize>()
             .max(1);
-        Self { slot, mem, planner, chunk_blocks: (COPIER_RANGES / per_block).max(1), d2h }
+        let template = BlockTemplate::new(mem.layers(), chunk);
+        Self { slot, mem, planner, chunk_blocks: (COPIER_RANGES / per_block).max(1), d2h, template }
     }
 
     /// Plans and queues `items` (`(engine block, slot device address)`), waiting (without
-    /// blocking the shard) while every batch slot of the copier is busy.
+    /// blocking the shard) while every batch slot of the copier is busy. Where the planner picks
+    /// the kernel, the GPU expands the blocks itself (one pair per block uploaded, no range
+    /// building or planning here), staged through device memory when the copier has room.
     async fn push(&self, items: &[(u32, u64)]) -> Result<(), String> {
+        let kernel = self.slot.copier.borrow().has_kernel();
+        if let (true, Some(Method::Kernel { ctas, threads })) =
+            (kernel, self.planner.block_kernel(&self.template, items.len()))
+        {
+            let mut pairs: Vec<BlockPair> = items.iter().map(|&(block, slot)| BlockPair::new(block, slot)).collect();
+            // Neighbouring slots in a row make longer copy-engine runs when staged.
+            pairs.sort_unstable_by_key(|p| p.slot);
+            let (part, per_batch) = {
+                let c = self.slot.copier.borrow();
+                (c.staging_part_bytes(), c.block_capacity(self.template.pieces.len()))
+            };
+            let staged = self.template.slice_bytes > 0 && part >= self.template.slice_bytes;
+            if per_batch > 0 {
+                for chunk in pairs.chunks(per_batch) {
+                    let job = BlockJob {
+                        pieces: &self.template.pieces,
+                        pairs: chunk,
+                        slice_bytes: self.template.slice_bytes,
+                        d2h: self.d2h,
+                        ctas,
+                        threads,
+                        staged,
+                    };
+                    submit_blocks(self.slot, &job).await?;
+                }
+                return Ok(());
+            }
+        }
         for chunk in items.chunks(self.chunk_blocks) {
             let plan = self.planner.plan(&self.mem.ranges(chunk, self.d2h));
             if plan.ranges.len() > COPIER_RANGES {
@@ -346,6 +391,19 @@ async fn submit_marked(slot: &CopySlot, plan: &Plan, marks: &[(usize, &SharedEve
     unsafe { copier.submit_marked(plan, marks) }.map_err(|e| e.to_string())
 }
 
+/// Queues block copy `job` once the copier has a free batch slot (waiting without blocking the
+/// shard).
+async fn submit_blocks(slot: &CopySlot, job: &BlockJob<'_>) -> Result<(), String> {
+    while !slot.copier.borrow_mut().ready().map_err(|e| e.to_string())? {
+        glommio::timer::sleep(POLL).await;
+    }
+    let mut copier = slot.copier.borrow_mut();
+    // SAFETY: as in `submit_marked`: the pieces address the engine's IPC-mapped KV cache within
+    // its registered layers (every block id was checked against them), and the slots are pool
+    // slots registered with this GPU that the owners keep reserved or pinned until the run ends.
+    unsafe { copier.submit_blocks(job) }.map_err(|e| e.to_string())
+}
+
 /// What a GPU save's copy waits for on the GPU before it reads the worker's blocks.
 #[derive(Debug, Default)]
 pub(crate) enum SaveAfter {
@@ -400,6 +458,28 @@ async fn next_answers<T>(rx: &flume::Receiver<(ShardId, T)>) -> Vec<(ShardId, T)
     out
 }
 
+/// Messages to owners that can wait until the client has its answer: a GPU save's seals (or
+/// aborts) and a load's unpins. Sent right after the answer, before the connection reads its
+/// next request, so a request that follows on the same connection reaches each owner after them
+/// (every pair of shards has one ordered channel); another connection may find a just-saved block
+/// still being written for those few microseconds, which is a miss, never wrong bytes.
+#[derive(Debug, Default)]
+pub(crate) struct Followup(Vec<(ShardId, MeshMsg)>);
+
+impl Followup {
+    /// Adds a message for `shard`.
+    pub(crate) fn push(&mut self, shard: ShardId, msg: MeshMsg) {
+        self.0.push((shard, msg));
+    }
+
+    /// Sends every message, in order.
+    pub(crate) async fn send(self, ctx: &Rc<ShardCtx>) {
+        for (shard, msg) in self.0 {
+            ctx.tell(shard, msg).await;
+        }
+    }
+}
+
 /// Saves this rank's slices of `blocks` from GPU memory. Each owner's slots are queued for the
 /// copy as soon as its answer arrives, so the GPU starts on the first owner's share while the
 /// others are still reserving.
@@ -410,7 +490,7 @@ pub(crate) async fn save(
     rank: u32,
     blocks: Vec<(BlockHash, u32)>,
     after: SaveAfter,
-) -> Saved {
+) -> (Saved, Followup) {
     let slice_bytes = mem.slice_bytes();
     let keys = blocks.into_iter().map(|(hash, id)| (SliceKey { block: BlockKey { ns, hash }, rank: rank as u16 }, id));
     let groups = by_owner(ctx, keys);
@@ -422,7 +502,7 @@ pub(crate) async fn save(
         Err(e) => {
             total.failed = unanswered.values().sum();
             total.error = Some(e.to_string());
-            return total;
+            return (total, Followup::default());
         }
     };
     let answers = ask_owners(ctx, groups, |items, reply| {
@@ -495,12 +575,13 @@ pub(crate) async fn save(
         total.failed += copied;
         total.error = copy_error;
     }
+    let mut followup = Followup::default();
     for (shard, keys) in reserved {
         if !keys.is_empty() {
-            ctx.tell(shard, MeshMsg::Owner(OwnerOp::GpuFinish { keys, ok })).await;
+            followup.push(shard, MeshMsg::Owner(OwnerOp::GpuFinish { keys, ok }));
         }
     }
-    total
+    (total, followup)
 }
 
 /// Copies a checked lease's slices into this rank's engine blocks in GPU memory; unpins them.
@@ -514,7 +595,7 @@ pub(crate) async fn load(
     lease: u64,
     keys: Vec<(SliceKey, u32)>,
     layerwise: Option<Layerwise>,
-) -> Loaded {
+) -> (Loaded, Followup) {
     let rank = keys.first().map_or(0, |(k, _)| k.rank);
     let groups = by_owner(ctx, keys);
     let owners: Vec<ShardId> = groups.keys().copied().collect();
@@ -579,11 +660,13 @@ pub(crate) async fn load(
             }
         }
     }
+    let mut followup = Followup::default();
     for shard in owners {
-        ctx.tell(shard, MeshMsg::Owner(OwnerOp::UnpinRank { lease, rank })).await;
+        followup.push(shard, MeshMsg::Owner(OwnerOp::UnpinRank { lease, rank }));
     }
-    match error {
+    let loaded = match error {
         None => Loaded { loaded, error: None },
         Some(e) => Loaded { loaded: 0, error: Some(e) },
-    }
+    };
+    (loaded, followup)
 }

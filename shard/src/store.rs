@@ -9,6 +9,7 @@
 //! Every owner-side handler is synchronous: it touches only its own shard's state, so nothing is
 //! borrowed across an await and no lock exists.
 
+use crate::gpu_path::Followup;
 use crate::route::ShardId;
 use crate::shard::{MeshMsg, ShardCtx};
 use kvloft_engine::index::{FoundPrefix, Reserved};
@@ -721,9 +722,9 @@ pub(crate) async fn save(
     rank: u32,
     blocks: Vec<(BlockHash, u32)>,
     after: crate::gpu_path::SaveAfter,
-) -> Saved {
+) -> (Saved, Followup) {
     match mem {
-        EngineMemory::Host(mem) => save_host(ctx, mem, ns, rank, blocks).await,
+        EngineMemory::Host(mem) => (save_host(ctx, mem, ns, rank, blocks).await, Followup::default()),
         EngineMemory::Cuda(mem) => crate::gpu_path::save(ctx, mem, ns, rank, blocks, after).await,
     }
 }
@@ -800,13 +801,14 @@ pub(crate) async fn load_copy(
     plan: LoadPlan,
     block_ids: Vec<u32>,
     layerwise: Option<crate::gpu_path::Layerwise>,
-) -> Loaded {
+) -> (Loaded, Followup) {
     let LoadPlan { lease, ns, hashes, rank } = plan;
     let keys = hashes
         .iter()
         .zip(&block_ids)
         .map(|(hash, id)| (SliceKey { block: BlockKey { ns, hash: *hash }, rank: rank as u16 }, *id));
     let mut total = Loaded::default();
+    let mut followup = Followup::default();
     match mem {
         EngineMemory::Host(mem) => {
             let replies = fan_out(ctx, by_owner(ctx, keys), |items, reply| {
@@ -825,14 +827,16 @@ pub(crate) async fn load_copy(
                 }
             }
         }
-        EngineMemory::Cuda(mem) => total = crate::gpu_path::load(ctx, mem, lease, keys.collect(), layerwise).await,
+        EngineMemory::Cuda(mem) => {
+            (total, followup) = crate::gpu_path::load(ctx, mem, lease, keys.collect(), layerwise).await;
+        }
     }
     let home = lease_home(lease) as ShardId;
-    ctx.tell(home, MeshMsg::Lease(LeaseOp::FinishLoad { id: lease, rank })).await;
+    followup.push(home, MeshMsg::Lease(LeaseOp::FinishLoad { id: lease, rank }));
     if total.error.is_some() {
         total.loaded = 0;
     }
-    total
+    (total, followup)
 }
 
 /// Releases lease `lease` for `instance`.

@@ -97,7 +97,14 @@ pub struct Topology {
 pub struct CopySpec {
     /// Most SMs a copy kernel may occupy (two CTAs of 512 threads per SM); 0: copy engines only.
     pub sm_budget: u32,
+    /// Bytes of GPU memory each shard's copier for a GPU takes for staged block copies
+    /// (`kvloft_gpu::blocks`); 0: the kernel copies over PCIe itself.
+    pub staging_bytes: u64,
 }
+
+/// Staging memory per copier by default: four parts of 4 MiB, each holding eight slots of 32
+/// layers of 16 KiB blocks.
+pub const DEFAULT_STAGING_BYTES: u64 = 16 << 20;
 
 /// SMs a copy kernel may use by default: on the H100 test machine 16 SMs already reach 0.89-0.95
 /// of the PCIe ceiling with 16 KiB blocks (bench/results/2026-11-24-h100-gpu-inprocess.json).
@@ -105,7 +112,7 @@ pub const DEFAULT_SM_BUDGET: u32 = 16;
 
 impl Default for CopySpec {
     fn default() -> Self {
-        CopySpec { sm_budget: DEFAULT_SM_BUDGET }
+        CopySpec { sm_budget: DEFAULT_SM_BUDGET, staging_bytes: DEFAULT_STAGING_BYTES }
     }
 }
 

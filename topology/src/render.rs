@@ -102,6 +102,8 @@ pub fn render(machine: &Machine, topology: &Topology, placement: Option<&Placeme
     let _ = writeln!(w, "[copy]");
     let _ = writeln!(w, "# Most SMs a GPU copy kernel may take from the inference engine (0: copy engines only).");
     let _ = writeln!(w, "sm-budget = {}", topology.copy.sm_budget);
+    let _ = writeln!(w, "# GPU memory per shard and GPU for copies staged through the GPU (0: none).");
+    let _ = writeln!(w, "staging = {}", quote(&size_text(topology.copy.staging_bytes)));
 
     let _ = writeln!(w);
     let _ =

@@ -6,7 +6,7 @@ use crate::file::{self, TopologyFile};
 use crate::machine::{compact_list, CpuId, Machine, NodeId};
 use crate::model::{
     default_socket, CopyCurvePoint, CopyDirection, CopyMethod, CopySpec, MemorySpec, PoolSize, ServerSpec, ShardSpec,
-    Topology, DEFAULT_METRICS_ADDR, DEFAULT_SM_BUDGET, DEFAULT_SPIN_US, MAX_SPIN_US,
+    Topology, DEFAULT_METRICS_ADDR, DEFAULT_SM_BUDGET, DEFAULT_SPIN_US, DEFAULT_STAGING_BYTES, MAX_SPIN_US,
 };
 use crate::placement;
 use bytesize::ByteSize;
@@ -143,6 +143,11 @@ impl Validator<'_> {
                 .as_ref()
                 .and_then(|c| c.sm_budget.as_ref())
                 .map_or(DEFAULT_SM_BUDGET, |v| *v.get_ref()),
+            staging_bytes: file
+                .copy
+                .as_ref()
+                .and_then(|c| c.staging.as_ref())
+                .map_or(DEFAULT_STAGING_BYTES, |v| v.get_ref().as_u64()),
         };
         let mut topology = Topology { server, memory, reserved_cores: reserved, shards, calibration: Vec::new(), copy };
         self.memory(file, &mut topology);
@@ -754,6 +759,11 @@ mod tests {
         let c = run("[memory]\npool-size = \"1GiB\"\n[copy]\nsm-budget = 0\n", &synthetic::small_vm()).unwrap();
         assert_eq!(c.topology.copy.sm_budget, 0, "0: copy engines only");
         assert!(run("[copy]\nsm-budgets = 4\n", &synthetic::small_vm()).is_err(), "unknown keys are refused");
+        assert_eq!(c.topology.copy.staging_bytes, DEFAULT_STAGING_BYTES);
+        let c = run("[copy]\nstaging = \"64MiB\"\n", &synthetic::small_vm()).unwrap();
+        assert_eq!(c.topology.copy.staging_bytes, 64 << 20);
+        let c = run("[copy]\nstaging = 0\n", &synthetic::small_vm()).unwrap();
+        assert_eq!(c.topology.copy.staging_bytes, 0, "0: no staging");
     }
 
     #[test]

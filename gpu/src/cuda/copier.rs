@@ -4,6 +4,7 @@ use super::device::Device;
 use super::kernel::Kernel;
 use super::memory::{DeviceBuffer, PinnedBuffer};
 use super::{check, CudaError};
+use crate::blocks::{slot_runs, staged_chunks, BlockPair, Piece};
 use crate::plan::{Method, Plan, Range};
 use cudarc::driver::sys;
 use std::sync::Arc;
@@ -27,7 +28,62 @@ pub struct Copier {
     /// The driver's `cuMemcpyBatchAsync` (CUDA 12.8 ABI), when it has one.
     batch: Option<MemcpyBatchFn>,
     capacity: usize,
+    /// The device staging buffer of staged block copies, once [`Copier::set_staging`] made it.
+    staging: Option<Staging>,
 }
+
+/// Parts of the staging buffer: a staged copy's chunks take them in turn, so the GPU fills one
+/// while the copy engines drain another.
+pub const STAGING_PARTS: usize = 4;
+
+/// The device staging buffer of staged block copies ([`crate::blocks`]) and the second stream its
+/// copy-engine half runs on.
+#[derive(Debug)]
+struct Staging {
+    buffer: DeviceBuffer,
+    part_bytes: u64,
+    next: usize,
+    /// The copy engines' stream.
+    stream: sys::CUstream,
+    /// Recorded on the main stream when a staged copy starts; the DMA stream waits for it.
+    fork: sys::CUevent,
+    /// Recorded on the DMA stream at a staged save's end; the main stream waits for it.
+    join: sys::CUevent,
+    /// Per part: recorded once its producer (the gather kernel, or a load's DMA) filled it.
+    filled: Vec<sys::CUevent>,
+    /// Per part: recorded once its consumer (a save's DMA, or the scatter kernel) drained it.
+    /// Never recorded at first: waiting on it then waits for nothing.
+    free: Vec<sys::CUevent>,
+}
+
+/// One block copy for [`Copier::submit_blocks`].
+#[derive(Debug, Clone, Copy)]
+pub struct BlockJob<'a> {
+    /// The block template's pieces.
+    pub pieces: &'a [Piece],
+    /// One pair per block (sorted by slot, neighbouring slots make longer staged DMA runs).
+    pub pairs: &'a [BlockPair],
+    /// Bytes of one block's slice (one pool slot).
+    pub slice_bytes: u64,
+    /// Engine to pool (a save), else pool to engine.
+    pub d2h: bool,
+    /// CTAs of the block kernel.
+    pub ctas: u32,
+    /// Threads per CTA.
+    pub threads: u32,
+    /// Through the staging buffer ([`Copier::staging_part_bytes`] must hold a slice), else the
+    /// kernel moves the bytes over PCIe itself.
+    pub staged: bool,
+}
+
+fn event(flags: u32) -> Result<sys::CUevent, CudaError> {
+    let mut e = std::ptr::null_mut();
+    // SAFETY: the caller made the context current; `e` is a valid out-pointer.
+    check("cuEventCreate", unsafe { sys::cuEventCreate(&mut e, flags) })?;
+    Ok(e)
+}
+
+const NO_TIMING: u32 = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
 
 /// `cuMemcpyBatchAsync` as CUDA 12.8 defined it (CUDA 13 headers name a variant without
 /// `failIdx` so; asking the driver for the 12.8 version gets this one on every driver).
@@ -124,7 +180,19 @@ impl Copier {
             (None, Some("kernel copies disabled".into()))
         };
         let batch = memcpy_batch_fn();
-        Ok(Copier { dev, stream, start, slots, next: 0, last: None, kernel, kernel_note, batch, capacity })
+        Ok(Copier {
+            dev,
+            stream,
+            start,
+            slots,
+            next: 0,
+            last: None,
+            kernel,
+            kernel_note,
+            batch,
+            capacity,
+            staging: None,
+        })
     }
 
     /// Whether [`Method::DmaBatch`] plans go to the driver in one `cuMemcpyBatchAsync` call (a
@@ -151,6 +219,198 @@ impl Copier {
     /// Ranges one kernel batch may hold.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Allocates a staging buffer of `bytes` in the GPU's memory (in [`STAGING_PARTS`] parts) and
+    /// the stream its copy-engine half runs on, for staged block copies; replaces an earlier one
+    /// (after waiting for the copies queued).
+    pub fn set_staging(&mut self, bytes: u64) -> Result<(), CudaError> {
+        let part_bytes = (bytes / STAGING_PARTS as u64) / 16 * 16;
+        if part_bytes == 0 {
+            return Err(CudaError::Invalid(format!(
+                "a staging buffer of {bytes} bytes has no room for {STAGING_PARTS} parts"
+            )));
+        }
+        self.wait()?;
+        self.staging = None;
+        self.dev.bind()?;
+        let buffer = DeviceBuffer::new(self.dev.clone(), (part_bytes * STAGING_PARTS as u64) as usize)?;
+        let mut stream = std::ptr::null_mut();
+        // SAFETY: the context is current; `stream` is a valid out-pointer. Destroyed in Drop.
+        check("cuStreamCreate", unsafe {
+            sys::cuStreamCreate(&mut stream, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+        })?;
+        let mut staging = Staging {
+            buffer,
+            part_bytes,
+            next: 0,
+            stream,
+            fork: std::ptr::null_mut(),
+            join: std::ptr::null_mut(),
+            filled: Vec::new(),
+            free: Vec::new(),
+        };
+        // Dropping `staging` on an error below destroys what was made so far.
+        staging.fork = event(NO_TIMING)?;
+        staging.join = event(NO_TIMING)?;
+        for _ in 0..STAGING_PARTS {
+            staging.filled.push(event(NO_TIMING)?);
+            staging.free.push(event(NO_TIMING)?);
+        }
+        self.staging = Some(staging);
+        Ok(())
+    }
+
+    /// Bytes of one part of the staging buffer (a staged chunk holds at most this much); 0
+    /// without one.
+    pub fn staging_part_bytes(&self) -> u64 {
+        self.staging.as_ref().map_or(0, |s| s.part_bytes)
+    }
+
+    /// Pairs one [`Copier::submit_blocks`] can take with a template of `pieces` pieces (the
+    /// template and the pairs share a batch's table); 0 when the template alone fills it.
+    pub fn block_capacity(&self, pieces: usize) -> usize {
+        let table = self.capacity * RANGE_BYTES;
+        table.saturating_sub(pieces * std::mem::size_of::<Piece>()) / std::mem::size_of::<BlockPair>()
+    }
+
+    /// Queues a block copy ([`crate::blocks`]): the template and pairs are uploaded as one table
+    /// and the block kernel expands them. A staged job cuts the pairs into
+    /// [`staged_chunks`], each through the next staging part: a save gathers a chunk into its
+    /// part on the main stream and the copy engines move it to its slots on the staging stream,
+    /// a load the reverse, with events between them, so chunks overlap. The batch's completion
+    /// event follows both streams. Waits first, like [`Copier::submit`], when every batch slot is
+    /// busy.
+    ///
+    /// # Safety
+    /// As for [`Copier::submit`], for every range the job expands to: the engine blocks (the
+    /// pieces' addresses plus each block times its stride) and every pair's slot, `slice_bytes`
+    /// long.
+    pub unsafe fn submit_blocks(&mut self, job: &BlockJob<'_>) -> Result<(), CudaError> {
+        if self.kernel.is_none() {
+            return Err(CudaError::Invalid("block copies need the copy kernel, which is not loaded".into()));
+        }
+        if job.pairs.len() > self.block_capacity(job.pieces.len()) {
+            return Err(CudaError::TooManyRanges {
+                ranges: job.pairs.len(),
+                capacity: self.block_capacity(job.pieces.len()),
+            });
+        }
+        let part_blocks = match &self.staging {
+            Some(st) if job.staged && job.slice_bytes > 0 => (st.part_bytes / job.slice_bytes) as usize,
+            _ => 0,
+        };
+        if job.staged && part_blocks == 0 {
+            return Err(CudaError::Invalid(format!(
+                "a staged copy of {}-byte slices needs staging parts at least that large (have {})",
+                job.slice_bytes,
+                self.staging_part_bytes()
+            )));
+        }
+        if job.pairs.is_empty() || job.pieces.is_empty() {
+            return Ok(());
+        }
+        let i = self.next;
+        self.wait_slot(i)?;
+        self.dev.bind()?;
+        if self.last.is_none() {
+            // SAFETY: the event and stream belong to this copier's current context.
+            check("cuEventRecord", unsafe { sys::cuEventRecord(self.start, self.stream) })?;
+        }
+        let kernel = self.kernel.as_ref().expect("checked above");
+        let slot = &self.slots[i];
+        let piece_bytes = std::mem::size_of_val(job.pieces);
+        let pair_bytes = std::mem::size_of_val(job.pairs);
+        // SAFETY: Piece and BlockPair are repr(C) plain data; the staging buffer holds
+        // `capacity * RANGE_BYTES` bytes, at least both tables (checked above), and no pending
+        // upload reads it (the slot's event completed above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(job.pieces.as_ptr().cast::<u8>(), slot.staging.as_ptr(), piece_bytes);
+            std::ptr::copy_nonoverlapping(
+                job.pairs.as_ptr().cast::<u8>(),
+                slot.staging.as_ptr().add(piece_bytes),
+                pair_bytes,
+            );
+        }
+        // SAFETY: both buffers hold the tables' bytes; the stream orders the upload before the launches.
+        check("cuMemcpyHtoDAsync", unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                slot.table.ptr(),
+                slot.staging.as_ptr().cast(),
+                piece_bytes + pair_bytes,
+                self.stream,
+            )
+        })?;
+        let launch = crate::cuda::kernel::BlockLaunch {
+            pieces: slot.table.ptr(),
+            n_pieces: job.pieces.len() as u64,
+            pairs: slot.table.ptr() + piece_bytes as u64,
+            n_pairs: job.pairs.len() as u64,
+            staging: 0,
+            slice_bytes: job.slice_bytes,
+            d2h: job.d2h,
+        };
+        let Some(st) = self.staging.as_mut().filter(|_| job.staged) else {
+            // SAFETY: the tables were uploaded on this stream; the caller's contract covers the ranges.
+            unsafe { kernel.launch_blocks(launch, job.ctas, job.threads, self.stream)? };
+            return self.finish_batch(i);
+        };
+        let pair_size = std::mem::size_of::<BlockPair>() as u64;
+        // SAFETY: for every driver call below, the events and both streams belong to this
+        // copier's current context; the staging parts lie inside `st.buffer`; the caller's
+        // contract covers the slots and engine blocks.
+        unsafe {
+            // The DMA stream starts after everything queued on the main stream so far.
+            check("cuEventRecord", sys::cuEventRecord(st.fork, self.stream))?;
+            check("cuStreamWaitEvent", sys::cuStreamWaitEvent(st.stream, st.fork, 0))?;
+            let mut start = 0usize;
+            for n in staged_chunks(job.pairs.len(), part_blocks, job.d2h) {
+                let part = st.next;
+                st.next = (part + 1) % STAGING_PARTS;
+                let base = st.buffer.ptr() + part as u64 * st.part_bytes;
+                let chunk = crate::cuda::kernel::BlockLaunch {
+                    pairs: launch.pairs + start as u64 * pair_size,
+                    n_pairs: n as u64,
+                    staging: base,
+                    ..launch
+                };
+                let runs =
+                    slot_runs(job.pairs[start..start + n].iter().map(|p| p.slot), job.slice_bytes, base, job.d2h);
+                let (producer, consumer) = if job.d2h { (self.stream, st.stream) } else { (st.stream, self.stream) };
+                // The part's last consumer must be done with it.
+                check("cuStreamWaitEvent", sys::cuStreamWaitEvent(producer, st.free[part], 0))?;
+                if job.d2h {
+                    kernel.launch_blocks(chunk, job.ctas, job.threads, producer)?;
+                } else {
+                    dma(self.batch, &runs, producer)?;
+                }
+                check("cuEventRecord", sys::cuEventRecord(st.filled[part], producer))?;
+                check("cuStreamWaitEvent", sys::cuStreamWaitEvent(consumer, st.filled[part], 0))?;
+                if job.d2h {
+                    dma(self.batch, &runs, consumer)?;
+                } else {
+                    kernel.launch_blocks(chunk, job.ctas, job.threads, consumer)?;
+                }
+                check("cuEventRecord", sys::cuEventRecord(st.free[part], consumer))?;
+                start += n;
+            }
+            if job.d2h {
+                // The batch ends with the last DMA: the main stream (and its event) follow it.
+                check("cuEventRecord", sys::cuEventRecord(st.join, st.stream))?;
+                check("cuStreamWaitEvent", sys::cuStreamWaitEvent(self.stream, st.join, 0))?;
+            }
+        }
+        self.finish_batch(i)
+    }
+
+    /// Records batch slot `i`'s completion event on the main stream and moves to the next slot.
+    fn finish_batch(&mut self, i: usize) -> Result<(), CudaError> {
+        // SAFETY: the event and stream belong to this copier's current context.
+        check("cuEventRecord", unsafe { sys::cuEventRecord(self.slots[i].event, self.stream) })?;
+        self.slots[i].pending = true;
+        self.last = Some(i);
+        self.next = (i + 1) % self.slots.len();
+        Ok(())
     }
 
     /// Whether [`Copier::submit`] can queue a batch now without waiting.
@@ -260,12 +520,7 @@ impl Copier {
                 }
             }
         }
-        // SAFETY: as for the start event.
-        check("cuEventRecord", unsafe { sys::cuEventRecord(self.slots[i].event, self.stream) })?;
-        self.slots[i].pending = true;
-        self.last = Some(i);
-        self.next = (i + 1) % self.slots.len();
-        Ok(())
+        self.finish_batch(i)
     }
 
     /// Queues `ranges` (at least one) as one `cuMemcpyBatchAsync` on the stream. The copies are
@@ -275,34 +530,7 @@ impl Copier {
         let Some(batch) = self.batch else {
             return Err(CudaError::Invalid("this driver has no cuMemcpyBatchAsync".into()));
         };
-        let mut dsts: Vec<sys::CUdeviceptr> = ranges.iter().map(|r| r.dst).collect();
-        let mut srcs: Vec<sys::CUdeviceptr> = ranges.iter().map(|r| r.src).collect();
-        let mut sizes: Vec<usize> = ranges.iter().map(|r| r.len as usize).collect();
-        // One attribute set for every copy: ordered with the stream, and the hint that the
-        // copies run beside the inference engine's kernels. Location hints apply only to
-        // managed memory, which none of these is.
-        // SAFETY: CUmemcpyAttributes is plain data for which all-zero bytes are a valid value.
-        let mut attrs: sys::CUmemcpyAttributes = unsafe { std::mem::zeroed() };
-        attrs.srcAccessOrder = sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM;
-        attrs.flags = sys::CUmemcpyFlags::CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE as u32;
-        let mut attrs_idx = 0usize;
-        let mut fail_idx = usize::MAX;
-        // SAFETY: the three arrays hold `ranges.len()` entries each and, like the attributes,
-        // are read during the call only; the caller's contract (see `submit`) covers the ranges.
-        let r = unsafe {
-            batch(
-                dsts.as_mut_ptr(),
-                srcs.as_mut_ptr(),
-                sizes.as_mut_ptr(),
-                ranges.len(),
-                &mut attrs,
-                &mut attrs_idx,
-                1,
-                &mut fail_idx,
-                self.stream,
-            )
-        };
-        check("cuMemcpyBatchAsync", r)
+        batch_on(batch, ranges, self.stream)
     }
 
     /// Records `event` on the stream behind every batch submitted so far: another process that
@@ -377,6 +605,58 @@ impl Copier {
     }
 }
 
+/// `ranges` (at least one) as one `cuMemcpyBatchAsync` on `stream`: ordered after the stream's
+/// earlier work and before its later work; among themselves, in any order (ranges of one plan
+/// never overlap).
+fn batch_on(batch: MemcpyBatchFn, ranges: &[Range], stream: sys::CUstream) -> Result<(), CudaError> {
+    let mut dsts: Vec<sys::CUdeviceptr> = ranges.iter().map(|r| r.dst).collect();
+    let mut srcs: Vec<sys::CUdeviceptr> = ranges.iter().map(|r| r.src).collect();
+    let mut sizes: Vec<usize> = ranges.iter().map(|r| r.len as usize).collect();
+    // One attribute set for every copy: ordered with the stream, and the hint that the
+    // copies run beside the inference engine's kernels. Location hints apply only to
+    // managed memory, which none of these is.
+    // SAFETY: CUmemcpyAttributes is plain data for which all-zero bytes are a valid value.
+    let mut attrs: sys::CUmemcpyAttributes = unsafe { std::mem::zeroed() };
+    attrs.srcAccessOrder = sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM;
+    attrs.flags = sys::CUmemcpyFlags::CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE as u32;
+    let mut attrs_idx = 0usize;
+    let mut fail_idx = usize::MAX;
+    // SAFETY: the three arrays hold `ranges.len()` entries each and, like the attributes,
+    // are read during the call only; the caller's contract (see `submit`) covers the ranges.
+    let r = unsafe {
+        batch(
+            dsts.as_mut_ptr(),
+            srcs.as_mut_ptr(),
+            sizes.as_mut_ptr(),
+            ranges.len(),
+            &mut attrs,
+            &mut attrs_idx,
+            1,
+            &mut fail_idx,
+            stream,
+        )
+    };
+    check("cuMemcpyBatchAsync", r)
+}
+
+/// Queues `ranges` on the copy engines on `stream`: one `cuMemcpyAsync` for a single range, else
+/// one `cuMemcpyBatchAsync` where the driver has it (`batch`), else a call per range.
+///
+/// # Safety
+/// As for [`Copier::submit`]; `stream` belongs to the current context.
+unsafe fn dma(batch: Option<MemcpyBatchFn>, ranges: &[Range], stream: sys::CUstream) -> Result<(), CudaError> {
+    match batch {
+        Some(batch) if ranges.len() > 1 => batch_on(batch, ranges, stream),
+        _ => {
+            for r in ranges {
+                // SAFETY: the caller's contract covers every range.
+                check("cuMemcpyAsync", unsafe { sys::cuMemcpyAsync(r.dst, r.src, r.len as usize, stream) })?;
+            }
+            Ok(())
+        }
+    }
+}
+
 impl Drop for Copier {
     fn drop(&mut self) {
         let _ = self.wait();
@@ -387,6 +667,29 @@ impl Drop for Copier {
                 for s in &self.slots {
                     sys::cuEventDestroy_v2(s.event);
                 }
+                sys::cuStreamDestroy_v2(self.stream);
+            }
+        }
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // SAFETY: made in `Copier::set_staging` (null where it stopped early), destroyed once;
+        // the copier waited for its copies (its Drop and `set_staging` wait first), and the
+        // context is current on this thread since then.
+        unsafe {
+            if !self.stream.is_null() {
+                sys::cuStreamSynchronize(self.stream);
+            }
+            for e in
+                [self.fork, self.join].into_iter().chain(self.filled.iter().copied()).chain(self.free.iter().copied())
+            {
+                if !e.is_null() {
+                    sys::cuEventDestroy_v2(e);
+                }
+            }
+            if !self.stream.is_null() {
                 sys::cuStreamDestroy_v2(self.stream);
             }
         }

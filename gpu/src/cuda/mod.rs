@@ -10,7 +10,8 @@
 //!   and the ranges that move its blocks to and from pool slots.
 //! - [`kernel`]: the NVRTC-compiled gather/scatter kernel.
 //! - [`copier`]: one stream, its completion event and the range table a kernel reads; submits a
-//!   [`crate::plan::Plan`].
+//!   [`crate::plan::Plan`], or a block copy ([`crate::blocks`]), staged through device memory on a
+//!   second stream where it has a staging buffer.
 //!
 //! Every driver call returns its `CUresult` as a [`CudaError`] naming the call.
 
@@ -20,7 +21,7 @@ pub mod engine_memory;
 pub mod kernel;
 pub mod memory;
 
-pub use copier::Copier;
+pub use copier::{BlockJob, Copier};
 pub use device::{driver_present, Device};
 pub use engine_memory::{device_by_uuid, CudaMemory};
 pub use memory::{DeviceBuffer, HostRegistration, IpcEvent, IpcMapping, PinnedBuffer, SharedEvent};
