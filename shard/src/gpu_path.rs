@@ -524,14 +524,15 @@ pub(crate) async fn save(
         }
         let run = CopyRun::new(&slot, &mem, true);
         let mut pushed = false;
-        // A layer-wise save copies layer-major, so it needs every owner's slots first.
+        // Every owner's slots first, then one copy: owners answer within microseconds of each
+        // other, and one staged copy keeps the copy engines busier than one per answer
+        // (decision 45). A layer-wise save copies layer-major, which needs them all anyway.
         let mut all_items: Vec<(u32, u64)> = Vec::new();
         loop {
             let batch = next_answers(&answers).await;
             if batch.is_empty() {
                 break;
             }
-            let mut items: Vec<(u32, u64)> = Vec::new();
             for (shard, r) in batch {
                 unanswered.remove(&shard);
                 total.present += r.present;
@@ -539,21 +540,16 @@ pub(crate) async fn save(
                 if total.error.is_none() {
                     total.error = r.error;
                 }
-                items.extend(r.slots.iter().map(|(_, b, a)| (*b, *a)));
+                all_items.extend(r.slots.iter().map(|(_, b, a)| (*b, *a)));
                 reserved.push((shard, r.slots.into_iter().map(|(k, _, _)| k).collect()));
             }
-            if let SaveAfter::Layers(_) = &after {
-                all_items.extend(items);
-            } else if copy_error.is_none() && !items.is_empty() {
-                copy_error = run.push(&items).await.err();
-                pushed = true;
-            }
         }
-        if let (SaveAfter::Layers(waits), None) = (&after, &copy_error) {
-            if !all_items.is_empty() {
-                copy_error = run.push_layers_after(&all_items, waits).await.err();
-                pushed = true;
-            }
+        if copy_error.is_none() && !all_items.is_empty() {
+            copy_error = match &after {
+                SaveAfter::Layers(waits) => run.push_layers_after(&all_items, waits).await.err(),
+                _ => run.push(&all_items).await.err(),
+            };
+            pushed = true;
         }
         // Batches already queued must land before the slots are sealed or freed, even when a
         // later one failed.
@@ -616,41 +612,36 @@ pub(crate) async fn load(
             }
             let run = CopyRun::new(&slot, &mem, false);
             let mut pushed = false;
+            // Every owner's slots first, then one copy, as for a save.
             let mut all_items: Vec<(u32, u64)> = Vec::new();
             loop {
                 let batch = next_answers(&answers).await;
                 if batch.is_empty() {
                     break;
                 }
-                let mut items = Vec::new();
                 for (_, r) in batch {
                     unanswered -= 1;
                     match r {
-                        Ok(v) => items.extend(v),
+                        Ok(v) => all_items.extend(v),
                         Err(e) => {
                             error.get_or_insert(e);
                         }
                     }
                 }
-                loaded += items.len() as u32;
-                if layerwise.is_some() {
-                    all_items.extend(items);
-                } else if error.is_none() && !items.is_empty() {
-                    error = run.push(&items).await.err();
-                    pushed = true;
-                }
             }
+            loaded = all_items.len() as u32;
             if unanswered > 0 {
                 error.get_or_insert_with(|| "a shard holding the lease has stopped; recompute".to_string());
             }
+            if error.is_none() && !all_items.is_empty() {
+                pushed = true;
+                error = match &layerwise {
+                    Some(lw) => run.push_layers_marked(&all_items, &lw.events).await.err(),
+                    None => run.push(&all_items).await.err(),
+                };
+            }
             if let (Some(lw), None) = (layerwise, &error) {
-                if !all_items.is_empty() {
-                    pushed = true;
-                    error = run.push_layers_marked(&all_items, &lw.events).await.err();
-                }
-                if error.is_none() {
-                    lw.announce.await;
-                }
+                lw.announce.await;
             }
             // Blocks already queued must land before the pins go, even when the load failed.
             if pushed {
