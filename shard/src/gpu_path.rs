@@ -480,9 +480,9 @@ impl Followup {
     }
 }
 
-/// Saves this rank's slices of `blocks` from GPU memory. Each owner's slots are queued for the
-/// copy as soon as its answer arrives, so the GPU starts on the first owner's share while the
-/// others are still reserving.
+/// Saves this rank's slices of `blocks` from GPU memory: every owner reserves its share's slots,
+/// then one copy moves them all (decision 45). Returns the outcome and the owners' seal (or
+/// abort) messages, for the caller to send once the client has its answer.
 pub(crate) async fn save(
     ctx: &Rc<ShardCtx>,
     mem: Arc<CudaMemory>,
@@ -580,11 +580,12 @@ pub(crate) async fn save(
     (total, followup)
 }
 
-/// Copies a checked lease's slices into this rank's engine blocks in GPU memory; unpins them.
-/// Like a save, each owner's share is queued as soon as it answers; any failure fails the load.
+/// Copies a checked lease's slices into this rank's engine blocks in GPU memory. Like a save,
+/// every owner answers first and one copy moves them all; any failure fails the load. Returns the
+/// outcome and the owners' unpin messages, for the caller to send once the client has its answer.
 ///
-/// A layer-wise load (`layerwise`) waits for every owner, queues the copy layer by layer with
-/// kvloft's event behind each layer, and announces the events before the copy completes.
+/// A layer-wise load (`layerwise`) queues the copy layer by layer with kvloft's event behind each
+/// layer, and announces the events before the copy completes.
 pub(crate) async fn load(
     ctx: &Rc<ShardCtx>,
     mem: Arc<CudaMemory>,

@@ -714,7 +714,8 @@ impl EngineMemory {
     }
 }
 
-/// Saves this rank's slices of `blocks` through their owners.
+/// Saves this rank's slices of `blocks` through their owners. The returned [`Followup`] (on GPUs,
+/// the owners' seals) is for the caller to send right after the client's completion event.
 pub(crate) async fn save(
     ctx: &Rc<ShardCtx>,
     mem: EngineMemory,
@@ -795,6 +796,8 @@ pub(crate) async fn load_prepare(
 
 /// Copies the planned slices into this rank's engine blocks `block_ids` (one per hit, in order).
 /// Any failure fails the whole load: `loaded` is then 0 and the engine recomputes every block.
+/// The returned [`Followup`] (the lease's load count, and on GPUs the unpins) is for the caller
+/// to send right after the client's completion event.
 pub(crate) async fn load_copy(
     ctx: &Rc<ShardCtx>,
     mem: EngineMemory,
