@@ -393,6 +393,7 @@ fn gpu_curves(args: &CalibrateArgs) -> Result<Option<(Vec<CopyCurvePoint>, Repor
         server: false,
         server_pool_bytes: 0,
         server_spin_us: None,
+        client_spin_us: 0,
         server_shards: None,
         write_calibration: None,
         // The copy curves' methods only.

@@ -74,6 +74,10 @@ pub struct GpuArgs {
     /// they sleep); the server's default when not given.
     #[arg(long)]
     pub server_spin_us: Option<u64>,
+    /// How long the bench's client polls its socket before it sleeps while it waits for a
+    /// server reply or completion (`Client::set_spin`); 0 sleeps at once.
+    #[arg(long, default_value_t = 0)]
+    pub client_spin_us: u64,
     /// Shards of the server `--server` starts: the discovered default's last N (the highest
     /// CPUs), leaving the others to this process and the GPU driver; all of them when not given.
     #[arg(long)]
@@ -605,6 +609,7 @@ fn server_cases(
     next: &mut impl FnMut() -> u64,
 ) -> Result<Vec<Case>, GpuBenchError> {
     let mut client = Client::connect(socket, "bench-gpu", std::time::Duration::from_secs(60))?;
+    client.set_spin(std::time::Duration::from_micros(args.client_spin_us));
     let ns = NamespaceSpec {
         model: "bench-gpu".into(),
         dtype: "uint8".into(),
@@ -680,6 +685,7 @@ fn server_cases(
         p.insert("bytes".into(), bytes.into());
         p.insert("path".into(), "server".into());
         p.insert("sm_budget".into(), args.sm_budget.into());
+        p.insert("client_spin_us".into(), args.client_spin_us.into());
         p.insert("verified".into(), true.into());
         out.push(case);
     }
