@@ -465,8 +465,8 @@ pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
                         }
                         let plan = match method {
                             "kernel" if copier.has_kernel() && args.sm_budget > 0 => {
-                                let mut p =
-                                    Planner { kernel_min_ranges: 1, dma_min_bytes: u64::MAX, ..planner }.plan(&ranges);
+                                let mut p = Planner { kernel_min_ranges: 1, dma_min_bytes: u64::MAX, ..planner }
+                                    .plan(&ranges, d2h);
                                 if let Method::Kernel { .. } = p.method {
                                 } else {
                                     p.method =
@@ -475,12 +475,13 @@ pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
                                 p
                             }
                             "kernel" => continue,
-                            "dma" => Planner { sm_budget: 0, dma_batch: false, ..planner }.plan(&ranges),
+                            "dma" => Planner { sm_budget: 0, dma_batch: false, ..planner }.plan(&ranges, d2h),
                             "dma_batch" if copier.has_batch() => {
-                                Planner { sm_budget: 0, dma_batch: true, ..planner }.plan(&ranges)
+                                Planner { sm_budget: 0, dma_batch: true, single_dma: [0, 0], ..planner }
+                                    .plan(&ranges, d2h)
                             }
                             "dma_batch" => continue,
-                            _ => planner.plan(&ranges),
+                            _ => planner.plan(&ranges, d2h),
                         };
                         let mut h = Histogram::<u64>::new(3).expect("histogram");
                         let mut times = Vec::new();
@@ -793,7 +794,7 @@ fn verify(
     }
     for way in &ways {
         let move_ = |copier: &mut Copier, engine: &Engine, blocks: &[u64], d2h: bool| match way {
-            Way::Plan(p) => time_once(copier, &p.plan(&engine.ranges(blocks, pool, d2h))),
+            Way::Plan(p) => time_once(copier, &p.plan(&engine.ranges(blocks, pool, d2h), d2h)),
             blocks_way => move_blocks(copier, engine, blocks_way, blocks, pool, d2h),
         };
         // Save A and check every slot against the engine's bytes.

@@ -87,6 +87,20 @@ pub struct Planner {
     pub chunk_bytes: u64,
     /// Whether the driver offers `cuMemcpyBatchAsync` ([`Method::DmaBatch`]).
     pub dma_batch: bool,
+    /// Where measured curves found one `cuMemcpyAsync` per range faster than the batched call:
+    /// per direction (`[loads, saves]`), bit `i` set for copy-engine batches whose merged runs
+    /// average about `4 KiB << i` (see [`size_class`]). Empty by default: batched wherever the
+    /// driver can.
+    pub single_dma: [u32; 2],
+}
+
+/// Size classes [`Planner::single_dma`] tells apart: 4 KiB up to 1 GiB in powers of two.
+const SIZE_CLASSES: u32 = 19;
+
+/// The class of copy-engine batches whose merged runs average `bytes`: the power of two from
+/// 4 KiB nearest below it (0 for 4 KiB and less, at most `SIZE_CLASSES - 1`).
+pub fn size_class(bytes: u64) -> u32 {
+    (bytes.max(4096) >> 12).ilog2().min(SIZE_CLASSES - 1)
 }
 
 /// Threads per CTA of the copy kernel.
@@ -121,6 +135,7 @@ impl Default for Planner {
             kernel_min_ranges: 8,
             chunk_bytes: 64 << 10,
             dma_batch: false,
+            single_dma: [0, 0],
         }
     }
 }
@@ -134,6 +149,44 @@ impl Planner {
     /// saying what was decided; unchanged, with no line, when the curves lack the kernel or the
     /// copy engines in either direction, or when the budget forbids the kernel anyway.
     pub fn calibrated(self, rate: impl Fn(CurveMethod, bool, u64) -> Option<f64>) -> (Planner, Option<String>) {
+        let (this, single_note) = self.calibrated_batching(&rate);
+        let (this, bound_note) = this.calibrated_bound(&rate);
+        let note = match (single_note, bound_note) {
+            (Some(a), Some(b)) => Some(format!("{b}; {a}")),
+            (a, b) => b.or(a),
+        };
+        (this, note)
+    }
+
+    /// Sets [`Planner::single_dma`] where the curves measured both copy-engine methods and one
+    /// call per range was faster; with a line naming those sizes, if any.
+    fn calibrated_batching(self, rate: &impl Fn(CurveMethod, bool, u64) -> Option<f64>) -> (Planner, Option<String>) {
+        if !self.dma_batch {
+            return (self, None);
+        }
+        let mut single = [0u32; 2];
+        let mut named = Vec::new();
+        for (i, d2h) in [false, true].into_iter().enumerate() {
+            for class in 0..SIZE_CLASSES {
+                let size = 4096u64 << class;
+                if let (Some(one), Some(batched)) =
+                    (rate(CurveMethod::Dma, d2h, size), rate(CurveMethod::DmaBatch, d2h, size))
+                {
+                    if one > batched {
+                        single[i] |= 1 << class;
+                        named.push(format!("{} of {size}-byte runs", if d2h { "saves" } else { "loads" }));
+                    }
+                }
+            }
+        }
+        let note = (!named.is_empty()).then(|| {
+            format!("one copy-engine call per range where the curves measured it faster: {}", named.join(", "))
+        });
+        (Planner { single_dma: single, ..self }, note)
+    }
+
+    /// Sets [`Planner::dma_min_bytes`] from the curves; see [`Planner::calibrated`].
+    fn calibrated_bound(self, rate: &impl Fn(CurveMethod, bool, u64) -> Option<f64>) -> (Planner, Option<String>) {
         if self.sm_budget.min(self.sm_count) == 0 {
             return (self, None);
         }
@@ -173,14 +226,15 @@ impl Planner {
         (self, Some(note))
     }
 
-    /// The plan for `ranges` (in the order given; merging keeps that order).
-    pub fn plan(&self, ranges: &[Range]) -> Plan {
+    /// The plan for `ranges` (in the order given; merging keeps that order), a save (`d2h`: GPU
+    /// to host) or a load.
+    pub fn plan(&self, ranges: &[Range], d2h: bool) -> Plan {
         let merged = merge(ranges);
         let total: u64 = merged.iter().map(|r| r.len).sum();
         let sms = self.sm_budget.min(self.sm_count);
         let average = if merged.is_empty() { 0 } else { total / merged.len() as u64 };
         if sms == 0 || merged.len() < self.kernel_min_ranges || average >= self.dma_min_bytes {
-            let method = if self.dma_batch && merged.len() > 1 { Method::DmaBatch } else { Method::Dma };
+            let method = self.dma_method(merged.len(), average, d2h);
             return Plan { method, ranges: merged };
         }
         let ranges = split(&merged, self.chunk_bytes.max(16));
@@ -190,6 +244,18 @@ impl Planner {
 }
 
 impl Planner {
+    /// The copy-engine method for `runs` merged ranges averaging `average` bytes: one call per
+    /// range for a single range, where the driver cannot batch, or where the curves measured
+    /// single calls faster for such runs in this direction ([`Planner::single_dma`]).
+    pub fn dma_method(&self, runs: usize, average: u64, d2h: bool) -> Method {
+        let single = self.single_dma[usize::from(d2h)] & (1 << size_class(average)) != 0;
+        if self.dma_batch && runs > 1 && !single {
+            Method::DmaBatch
+        } else {
+            Method::Dma
+        }
+    }
+
     /// The block kernel's launch for `blocks` blocks shaped like `template`
     /// ([`crate::blocks`]), or `None` where the planner sends such a batch to the copy engines
     /// (no SM budget, too few pieces, or runs that average at least `dma_min_bytes`): the same
@@ -263,30 +329,30 @@ mod tests {
     #[test]
     fn small_scattered_ranges_go_to_the_kernel_within_the_sm_budget() {
         let ranges: Vec<Range> = (0..1000u64).map(|i| r(i * 1_000_000, (999 - i) * 16384, 16384)).collect();
-        let p = Planner::default().plan(&ranges);
+        let p = Planner::default().plan(&ranges, true);
         assert_eq!(p.method, Method::Kernel { ctas: 32, threads: 512 });
         assert_eq!(p.bytes(), 1000 * 16384);
-        let p = Planner { sm_budget: 4, ..Planner::default() }.plan(&ranges);
+        let p = Planner { sm_budget: 4, ..Planner::default() }.plan(&ranges, true);
         assert_eq!(p.method, Method::Kernel { ctas: 8, threads: 512 });
-        let p = Planner { sm_budget: 500, sm_count: 10, ..Planner::default() }.plan(&ranges);
+        let p = Planner { sm_budget: 500, sm_count: 10, ..Planner::default() }.plan(&ranges, true);
         assert_eq!(p.method, Method::Kernel { ctas: 20, threads: 512 }, "capped at the GPU's SMs");
     }
 
     #[test]
     fn dma_for_large_ranges_few_ranges_or_no_budget() {
         let big: Vec<Range> = (0..100u64).map(|i| r(i << 30, (99 - i) << 20, 1 << 20)).collect();
-        assert_eq!(Planner::default().plan(&big).method, Method::Dma);
+        assert_eq!(Planner::default().plan(&big, true).method, Method::Dma);
         let few: Vec<Range> = (0..4u64).map(|i| r(i << 30, i << 20, 4096)).collect();
-        assert_eq!(Planner::default().plan(&few).method, Method::Dma);
+        assert_eq!(Planner::default().plan(&few, true).method, Method::Dma);
         let small: Vec<Range> = (0..100u64).map(|i| r(i << 30, (99 - i) << 20, 4096)).collect();
-        assert_eq!(Planner { sm_budget: 0, ..Planner::default() }.plan(&small).method, Method::Dma);
+        assert_eq!(Planner { sm_budget: 0, ..Planner::default() }.plan(&small, true).method, Method::Dma);
     }
 
     #[test]
     fn contiguous_blocks_merge_into_one_dma() {
         // A cross-layer cache: blocks 5, 6, 7 adjacent on both sides.
         let ranges: Vec<Range> = (5..8u64).map(|b| r(b * 65536, (1 << 20) + (b - 5) * 65536, 65536)).collect();
-        let p = Planner::default().plan(&ranges);
+        let p = Planner::default().plan(&ranges, true);
         assert_eq!(p, Plan { method: Method::Dma, ranges: vec![r(5 * 65536, 1 << 20, 3 * 65536)] });
     }
 
@@ -294,14 +360,14 @@ mod tests {
     fn copy_engine_plans_are_batched_where_the_driver_can() {
         let batch = Planner { dma_batch: true, ..Planner::default() };
         let small: Vec<Range> = (0..100u64).map(|i| r(i << 30, (99 - i) << 20, 4096)).collect();
-        assert_eq!(Planner { sm_budget: 0, ..batch }.plan(&small).method, Method::DmaBatch);
+        assert_eq!(Planner { sm_budget: 0, ..batch }.plan(&small, true).method, Method::DmaBatch);
         let big: Vec<Range> = (0..100u64).map(|i| r(i << 30, (99 - i) << 20, 1 << 20)).collect();
-        assert_eq!(batch.plan(&big).method, Method::DmaBatch);
-        assert!(matches!(batch.plan(&small).method, Method::Kernel { .. }), "the kernel still wins small ranges");
+        assert_eq!(batch.plan(&big, true).method, Method::DmaBatch);
+        assert!(matches!(batch.plan(&small, true).method, Method::Kernel { .. }), "the kernel still wins small ranges");
         let one = [r(0, 1 << 20, 4096)];
-        assert_eq!(batch.plan(&one).method, Method::Dma, "a single range needs no batch");
+        assert_eq!(batch.plan(&one, true).method, Method::Dma, "a single range needs no batch");
         let contiguous: Vec<Range> = (5..8u64).map(|b| r(b * 65536, (1 << 20) + (b - 5) * 65536, 65536)).collect();
-        assert_eq!(batch.plan(&contiguous).method, Method::Dma, "merged into one range");
+        assert_eq!(batch.plan(&contiguous, true).method, Method::Dma, "merged into one range");
     }
 
     /// Curves like the H100's: the kernel flat near the ceiling, the copy engines climbing with
@@ -326,9 +392,9 @@ mod tests {
         let (p, _) = Planner::default().calibrated(h100_like);
         assert_eq!(p.dma_min_bytes, 512 << 10);
         let ranges: Vec<Range> = (0..100u64).map(|i| r(i << 30, (99 - i) << 20, 600 << 10)).collect();
-        assert_eq!(p.plan(&ranges).method, Method::Dma, "600 KiB runs: copy engines");
+        assert_eq!(p.plan(&ranges, true).method, Method::Dma, "600 KiB runs: copy engines");
         let ranges: Vec<Range> = (0..100u64).map(|i| r(i << 30, (99 - i) << 20, 300 << 10)).collect();
-        assert!(matches!(p.plan(&ranges).method, Method::Kernel { .. }), "300 KiB runs: the kernel");
+        assert!(matches!(p.plan(&ranges, true).method, Method::Kernel { .. }), "300 KiB runs: the kernel");
     }
 
     #[test]
@@ -346,6 +412,43 @@ mod tests {
         let (p, note) = Planner::default().calibrated(slow);
         assert_eq!(p, Planner::default());
         assert!(note.unwrap().contains("never reach"));
+    }
+
+    #[test]
+    fn size_classes_are_powers_of_two_from_4_kib() {
+        assert_eq!(size_class(0), 0);
+        assert_eq!(size_class(4096), 0);
+        assert_eq!(size_class(8191), 0);
+        assert_eq!(size_class(16 << 10), 2);
+        assert_eq!(size_class(300 << 10), 6);
+        assert_eq!(size_class(1 << 30), SIZE_CLASSES - 1);
+        assert_eq!(size_class(u64::MAX), SIZE_CLASSES - 1);
+    }
+
+    #[test]
+    fn curves_keep_single_calls_where_they_beat_the_batch() {
+        // Like decision 42's H100 figures: batched loads of 16 KiB runs lost to one call per range.
+        let curves = |m: CurveMethod, d2h: bool, size: u64| match m {
+            CurveMethod::Dma if !d2h && size == 16 << 10 => Some(5.7),
+            CurveMethod::DmaBatch if !d2h && size == 16 << 10 => Some(4.4),
+            CurveMethod::Dma => Some(3.0),
+            CurveMethod::DmaBatch => Some(18.0),
+            CurveMethod::Kernel => None,
+        };
+        let batch = Planner { dma_batch: true, sm_budget: 0, ..Planner::default() };
+        let (p, note) = batch.calibrated(curves);
+        assert_eq!(p.single_dma, [1 << 2, 0]);
+        assert!(note.unwrap().contains("loads of 16384-byte runs"), "the log line names the sizes");
+        let runs = |len: u64| -> Vec<Range> { (0..64u64).map(|i| r(i << 30, (63 - i) << 20, len)).collect() };
+        assert_eq!(p.plan(&runs(16 << 10), false).method, Method::Dma, "16 KiB loads: single calls");
+        assert_eq!(p.plan(&runs(16 << 10), true).method, Method::DmaBatch, "16 KiB saves: batched");
+        assert_eq!(p.plan(&runs(64 << 10), false).method, Method::DmaBatch, "64 KiB loads: batched");
+        assert_eq!(p.dma_method(64, 20 << 10, false), Method::Dma, "20 KiB averages are in the 16 KiB class");
+        // Without the batched call, or without its curve, nothing is recorded.
+        assert_eq!(Planner { dma_batch: false, ..batch }.calibrated(curves).0.single_dma, [0, 0]);
+        let no_batch_curve =
+            |m: CurveMethod, d: bool, s: u64| if m == CurveMethod::DmaBatch { None } else { curves(m, d, s) };
+        assert_eq!(batch.calibrated(no_batch_curve), (batch, None));
     }
 
     #[test]
@@ -380,6 +483,6 @@ mod tests {
     #[test]
     fn kernel_ctas_never_exceed_ranges() {
         let ranges: Vec<Range> = (0..10u64).map(|i| r(i << 30, (9 - i) << 20, 4096)).collect();
-        assert_eq!(Planner::default().plan(&ranges).method, Method::Kernel { ctas: 10, threads: 512 });
+        assert_eq!(Planner::default().plan(&ranges, true).method, Method::Kernel { ctas: 10, threads: 512 });
     }
 }

@@ -68,8 +68,6 @@ impl std::fmt::Debug for GpuState {
 
 struct CopySlot {
     copier: RefCell<Copier>,
-    /// Whether the copier batches copy-engine plans (`Copier::has_batch`).
-    batch: bool,
     /// The copy planner for this GPU: the SM budget, the GPU's SMs, batching, and the bound
     /// between kernel and copy engines from the topology's copy curves where it has them.
     planner: Planner,
@@ -189,8 +187,7 @@ impl ShardCtx {
         if let Some(note) = note {
             eprintln!("kvloft: shard {}: {note}", self.id);
         }
-        let slot =
-            Rc::new(CopySlot { copier: RefCell::new(copier), batch, planner, turn: glommio::sync::Semaphore::new(1) });
+        let slot = Rc::new(CopySlot { copier: RefCell::new(copier), planner, turn: glommio::sync::Semaphore::new(1) });
         self.gpu.copiers.borrow_mut().insert(uuid, slot.clone());
         Ok(slot)
     }
@@ -271,11 +268,13 @@ impl<'a> CopyRun<'a> {
             }
         }
         for chunk in items.chunks(self.chunk_blocks) {
-            let plan = self.planner.plan(&self.mem.ranges(chunk, self.d2h));
+            let plan = self.planner.plan(&self.mem.ranges(chunk, self.d2h), self.d2h);
             if plan.ranges.len() > COPIER_RANGES {
                 // Splitting made more ranges than a batch holds (blocks of long segments): move
-                // this part on the copy engines instead (batched where the driver can).
-                let method = if self.slot.batch { Method::DmaBatch } else { Method::Dma };
+                // this part on the copy engines instead (batched unless the driver cannot or the
+                // curves measured single calls faster for such runs).
+                let average = plan.bytes() / plan.ranges.len().max(1) as u64;
+                let method = self.planner.dma_method(plan.ranges.len(), average, self.d2h);
                 let dma = kvloft_gpu::plan::Plan { method, ranges: plan.ranges };
                 submit(self.slot, &dma).await?;
             } else {
@@ -290,7 +289,7 @@ impl<'a> CopyRun<'a> {
     async fn push_layers_after(&self, items: &[(u32, u64)], waits: &[Arc<IpcEvent>]) -> Result<(), String> {
         for (layer, event) in waits.iter().enumerate() {
             fired(event, &format!("layer {layer}'s event")).await?;
-            let plan = self.planner.plan(&self.mem.layer_ranges(items, layer, self.d2h));
+            let plan = self.planner.plan(&self.mem.layer_ranges(items, layer, self.d2h), self.d2h);
             for part in plan.ranges.chunks(COPIER_RANGES) {
                 submit_marked(self.slot, &Plan { method: plan.method, ranges: part.to_vec() }, &[]).await?;
             }
@@ -305,7 +304,7 @@ impl<'a> CopyRun<'a> {
         let mut batch: Option<Plan> = None;
         let mut cuts: Vec<(usize, &SharedEvent)> = Vec::new();
         for (layer, event) in marks.iter().enumerate() {
-            let plan = self.planner.plan(&self.mem.layer_ranges(items, layer, self.d2h));
+            let plan = self.planner.plan(&self.mem.layer_ranges(items, layer, self.d2h), self.d2h);
             let fits = batch
                 .as_ref()
                 .is_some_and(|b| b.method == plan.method && b.ranges.len() + plan.ranges.len() <= COPIER_RANGES);
