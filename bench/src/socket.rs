@@ -30,6 +30,9 @@ pub struct SocketOptions {
     pub clients_per_shard: usize,
     /// How long each client polls for a reply before it sleeps ([`Client::set_spin`]).
     pub client_spin: Duration,
+    /// Whether the clients send lookups and releases through a mailbox
+    /// ([`Client::attach_mailbox`]) instead of the socket.
+    pub mailbox: bool,
 }
 
 impl Default for SocketOptions {
@@ -42,6 +45,7 @@ impl Default for SocketOptions {
             batch_sizes: vec![1, 64, 1024],
             clients_per_shard: 2,
             client_spin: Duration::from_micros(100),
+            mailbox: false,
         }
     }
 }
@@ -83,9 +87,12 @@ fn namespace() -> NamespaceSpec {
 }
 
 /// A connected client registered as a worker over `memory` (one layer, K and V segments).
-fn worker(socket: &Path, instance: &str, memory: &[u8], spin: Duration) -> Result<Client, ClientError> {
+fn worker(socket: &Path, instance: &str, memory: &[u8], spin: Duration, mailbox: bool) -> Result<Client, ClientError> {
     let mut c = Client::connect(socket, "kvloft-bench", Duration::from_secs(30))?;
     c.set_spin(spin);
+    if mailbox {
+        c.attach_mailbox()?;
+    }
     c.register_instance(instance, namespace())?;
     let layer = LayerMemory {
         base: memory.as_ptr() as u64,
@@ -106,7 +113,7 @@ pub fn run(opts: &SocketOptions) -> Result<Report, ClientError> {
     // The "KV cache" the server copies from: K and V halves of WORKING_SET_BLOCKS blocks.
     let memory: Vec<u8> = (0..2 * WORKING_SET_BLOCKS * SEGMENT_BYTES).map(|i| (i % 251) as u8).collect();
     let instance = format!("bench-{salt:x}");
-    let mut client = worker(&opts.socket, &instance, &memory, opts.client_spin)?;
+    let mut client = worker(&opts.socket, &instance, &memory, opts.client_spin, opts.mailbox)?;
     let shards = client.server.shards.max(1) as usize;
     let hashes: Vec<Vec<u8>> = (0..WORKING_SET_BLOCKS as u64).map(|i| block_hash(salt, i)).collect();
     for chunk in (0..WORKING_SET_BLOCKS).collect::<Vec<_>>().chunks(1024) {
@@ -139,6 +146,7 @@ pub fn run(opts: &SocketOptions) -> Result<Report, ClientError> {
         case.params.insert("shards".into(), shards.into());
         case.params.insert("hits".into(), n.into());
         case.params.insert("client_spin_us".into(), (opts.client_spin.as_micros() as u64).into());
+        case.params.insert("mailbox".into(), opts.mailbox.into());
         report.cases.push(case);
     }
 
@@ -150,10 +158,10 @@ pub fn run(opts: &SocketOptions) -> Result<Report, ClientError> {
     let results: Vec<Result<(u64, Duration), ClientError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..clients)
             .map(|t| {
-                let (hashes, memory, instance, socket, spin) =
-                    (&hashes, &memory, &instance, &opts.socket, opts.client_spin);
+                let (hashes, memory, instance, socket, spin, mailbox) =
+                    (&hashes, &memory, &instance, &opts.socket, opts.client_spin, opts.mailbox);
                 s.spawn(move || -> Result<(u64, Duration), ClientError> {
-                    let mut c = worker(socket, instance, memory, spin)?;
+                    let mut c = worker(socket, instance, memory, spin, mailbox)?;
                     let (t0, mut looked_up, mut r) = (Instant::now(), 0u64, t);
                     while t0.elapsed() < deadline {
                         let start = (r * 131) % (WORKING_SET_BLOCKS - n + 1);
@@ -186,6 +194,7 @@ pub fn run(opts: &SocketOptions) -> Result<Report, ClientError> {
     case.params.insert("shards".into(), shards.into());
     case.params.insert("client_spin_us".into(), (opts.client_spin.as_micros() as u64).into());
     case.params.insert("unit".into(), "hash lookups per second per shard (lookup + release)".into());
+    case.params.insert("mailbox".into(), opts.mailbox.into());
     report.cases.push(case);
     Ok(report)
 }

@@ -45,7 +45,9 @@ fn check_run(direction: CopyDirection, server: ServerMode, paths: &[&str]) {
                 continue;
             }
             let ratio = c.ratio.unwrap();
-            assert!(ratio > 0.0 && ratio < 10.0, "{name}: ratio {ratio}");
+            // Only sane, not bounded above: with 3 samples on a busy machine the ceiling's own
+            // timing can dip far below the path's (a timed bound here would be flaky).
+            assert!(ratio > 0.0 && ratio.is_finite(), "{name}: ratio {ratio}");
             assert!((ratio - gbps / c.ceiling_gbps.unwrap()).abs() < 1e-9);
             assert!(param(c, "memcpy_ratio").as_f64().unwrap() > 0.0);
             assert_eq!(param(c, "verified_blocks").as_u64(), Some(batch as u64), "{name}");

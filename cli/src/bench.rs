@@ -31,6 +31,10 @@ pub enum Suite {
         /// Microseconds each client polls for a reply before it sleeps (0: sleep at once).
         #[arg(long, default_value_t = 100)]
         client_spin_us: u64,
+        /// Sends lookups and releases through a shared-memory mailbox instead of the socket
+        /// (`attach_mailbox`, decision 47).
+        #[arg(long)]
+        mailbox: bool,
         /// Where to write the JSON result.
         #[arg(long, value_name = "FILE", default_value = "bench-socket.json")]
         out: PathBuf,
@@ -120,7 +124,17 @@ pub fn run(suite: &Suite) -> anyhow::Result<ExitCode> {
             kvloft_bench::calibrate::main(args)?;
             Ok(ExitCode::SUCCESS)
         }
-        Suite::Socket { socket, config, repetitions, seconds, clients_per_shard, client_spin_us, out, plot } => {
+        Suite::Socket {
+            socket,
+            config,
+            repetitions,
+            seconds,
+            clients_per_shard,
+            client_spin_us,
+            mailbox,
+            out,
+            plot,
+        } => {
             let mut own = None;
             let socket = match socket {
                 Some(s) => s.clone(),
@@ -138,6 +152,7 @@ pub fn run(suite: &Suite) -> anyhow::Result<ExitCode> {
                 throughput_time: Duration::from_secs_f64(*seconds),
                 clients_per_shard: *clients_per_shard,
                 client_spin: Duration::from_micros(*client_spin_us),
+                mailbox: *mailbox,
                 ..SocketOptions::default()
             };
             let report = socket::run(&opts).context("the socket suite failed")?;

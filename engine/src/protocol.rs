@@ -281,6 +281,12 @@ pub enum Request {
     Release(Release),
     /// Server figures: shards, pinning, uptime, pool and index.
     Stats(StatsRequest),
+    /// Make this connection a mailbox: shared memory that carries one request and its reply
+    /// without the socket. The reply's frame carries the memory's descriptor (`SCM_RIGHTS`).
+    AttachMailbox(AttachMailbox),
+    /// Serve the request waiting in this connection's mailbox (the server was not polling it),
+    /// then answer this one.
+    Ring(Ring),
 }
 
 /// Why a request body did not decode.
@@ -325,13 +331,25 @@ impl Request {
             "load" => Self::Load(fields("load", body)?),
             "release" => Self::Release(fields("release", body)?),
             "stats" => Self::Stats(fields("stats", body)?),
+            "attach_mailbox" => Self::AttachMailbox(fields("attach_mailbox", body)?),
+            "ring" => Self::Ring(fields("ring", body)?),
             _ => return Err(BodyError::UnknownOp(op)),
         })
     }
 
     /// Every operation name this build serves, as on the wire.
-    pub const OPS: &'static [&'static str] =
-        &["hello", "register_instance", "register_memory", "lookup", "save", "load", "release", "stats"];
+    pub const OPS: &'static [&'static str] = &[
+        "hello",
+        "register_instance",
+        "register_memory",
+        "lookup",
+        "save",
+        "load",
+        "release",
+        "stats",
+        "attach_mailbox",
+        "ring",
+    ];
 
     /// The operation name, as on the wire.
     pub fn op(&self) -> &'static str {
@@ -344,6 +362,8 @@ impl Request {
             Self::Load(_) => "load",
             Self::Release(_) => "release",
             Self::Stats(_) => "stats",
+            Self::AttachMailbox(_) => "attach_mailbox",
+            Self::Ring(_) => "ring",
         }
     }
 }
@@ -710,6 +730,25 @@ pub struct Hello {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct StatsRequest {}
 
+/// `attach_mailbox`: no arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AttachMailbox {}
+
+/// `ring`: no arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Ring {}
+
+/// Answer to `attach_mailbox`; its frame carries the mailbox's descriptor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxReply {
+    /// Bytes of the shared memory.
+    pub bytes: u64,
+    /// Largest request frame it carries.
+    pub request_bytes: u64,
+    /// Largest reply frame it carries.
+    pub reply_bytes: u64,
+}
+
 /// A reply body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -731,6 +770,10 @@ pub enum Reply {
     Release(Done),
     /// Answer to `stats`.
     Stats(StatsReply),
+    /// Answer to `attach_mailbox`.
+    AttachMailbox(MailboxReply),
+    /// Answer to `ring`, after the mailbox's reply was written.
+    Ring(Done),
 }
 
 /// Answer to `hello`.

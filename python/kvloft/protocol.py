@@ -53,7 +53,18 @@ MAX_LAYERS = 4_096
 #: byte long and travel as MessagePack ``bin``.
 MAX_HASH_BYTES = 32
 #: Every operation name protocol v1 defines, as on the wire (``Request::OPS``).
-OPS = ("hello", "register_instance", "register_memory", "lookup", "save", "load", "release", "stats")
+OPS = (
+    "hello",
+    "register_instance",
+    "register_memory",
+    "lookup",
+    "save",
+    "load",
+    "release",
+    "stats",
+    "attach_mailbox",  # not used by this client (the Rust client attaches mailboxes)
+    "ring",
+)
 #: Event bodies' ``"op"``: completion of a ``save`` and of a ``load``.
 EVENT_SAVE_DONE = "save_done"
 EVENT_LOAD_DONE = "load_done"

@@ -1,13 +1,15 @@
 //! A blocking client of protocol v1, for the CLI, tests and benchmarks.
 
+use crate::mailbox::{Mailbox, MailboxError};
 use kvloft_engine::protocol::{
-    self, BlockHashBytes, ErrorCode, ErrorReply, Event, FrameError, FrameKind, Hello, HelloReply, LayerMemory, Load,
-    LoadDone, Lookup, LookupReply, NamespaceSpec, PackedSave, RegisterInstance, RegisterInstanceReply, RegisterMemory,
-    Release, Reply, Request, Save, SaveBlock, SaveDone, StatsReply, StatsRequest, PROTOCOL_VERSION,
+    self, AttachMailbox, BlockHashBytes, ErrorCode, ErrorReply, Event, FrameError, FrameKind, Hello, HelloReply,
+    LayerMemory, Load, LoadDone, Lookup, LookupReply, NamespaceSpec, PackedSave, RegisterInstance,
+    RegisterInstanceReply, RegisterMemory, Release, Reply, Request, Ring, Save, SaveBlock, SaveDone, StatsReply,
+    StatsRequest, PROTOCOL_VERSION,
 };
 use std::collections::VecDeque;
-use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -44,7 +46,13 @@ pub enum ClientError {
     /// The server answered with a reply of another operation.
     #[error("unexpected reply to `{0}`")]
     UnexpectedReply(&'static str),
+    /// The mailbox could not be attached or used; the socket still works without it.
+    #[error("mailbox: {0}")]
+    Mailbox(#[from] MailboxError),
 }
+
+/// Descriptors kept from the server's frames (`attach_mailbox` sends one); older ones are closed.
+const MAX_KEPT_FDS: usize = 4;
 
 /// Completions kept for later `wait_event` calls while waiting for another one.
 const MAX_PENDING_EVENTS: usize = 1024;
@@ -60,6 +68,11 @@ pub struct Client {
     events: VecDeque<(u64, Event)>,
     /// How long a wait for the server polls before it sleeps; see [`Client::set_spin`].
     spin: Duration,
+    /// Descriptors that came with the server's frames, latest last.
+    fds: VecDeque<OwnedFd>,
+    /// The mailbox, once attached ([`Client::attach_mailbox`]), and its last request number.
+    mailbox: Option<Mailbox>,
+    mailbox_seq: u64,
     /// What the server said in `hello`.
     pub server: HelloReply,
 }
@@ -78,6 +91,9 @@ impl Client {
             out: Vec::new(),
             events: VecDeque::new(),
             spin: Duration::ZERO,
+            fds: VecDeque::new(),
+            mailbox: None,
+            mailbox_seq: 0,
             server: HelloReply { protocol: 0, server_version: String::new(), shards: 0, pid: 0 },
         };
         let hello =
@@ -95,6 +111,85 @@ impl Client {
     /// CPU while it waits sets about 50-100 us, which covers a lookup's round trip.
     pub fn set_spin(&mut self, spin: Duration) {
         self.spin = spin;
+    }
+
+    /// Gives this connection a mailbox: from then on `lookup` and `release` travel through shared
+    /// memory instead of the socket (decision 47), ringing the server over the socket when it is
+    /// not polling. Requests too large for the mailbox still use the socket.
+    pub fn attach_mailbox(&mut self) -> Result<(), ClientError> {
+        match self.call(&Request::AttachMailbox(AttachMailbox {}))? {
+            Reply::AttachMailbox(_) => {}
+            _ => return Err(ClientError::UnexpectedReply("attach_mailbox")),
+        }
+        let fd = self
+            .fds
+            .pop_back()
+            .ok_or_else(|| ClientError::Mailbox(MailboxError::NotAMailbox("the reply carried no descriptor".into())))?;
+        self.mailbox = Some(Mailbox::open(&fd)?);
+        Ok(())
+    }
+
+    /// Whether a mailbox is attached.
+    pub fn has_mailbox(&self) -> bool {
+        self.mailbox.is_some()
+    }
+
+    /// Sends the request frame in `self.out` (request id `id`) through the mailbox and decodes
+    /// its reply.
+    fn call_mailbox(&mut self, id: u64) -> Result<Reply, ClientError> {
+        let out = std::mem::take(&mut self.out);
+        let answer = self.mailbox_exchange(&out);
+        self.out = out;
+        let frame = answer?;
+        if frame.request_id != id && frame.request_id != 0 {
+            return Err(ClientError::Decode(format!(
+                "the mailbox answered request {} instead of {id}",
+                frame.request_id
+            )));
+        }
+        match frame.kind {
+            FrameKind::Reply => protocol::from_body(&frame.body).map_err(|e| ClientError::Decode(e.to_string())),
+            FrameKind::Error => Err(server_error(&frame.body)),
+            _ => Err(ClientError::Decode("the mailbox held neither a reply nor an error".into())),
+        }
+    }
+
+    /// Posts `frame` (any bytes: normally one whole request frame) to the mailbox and returns
+    /// the frame the server answered with, a reply or an error. Polls the mailbox for up to the
+    /// client's spin (at least 50 us), ringing the server over the socket when it was not
+    /// polling or did not answer by then. Fails without a mailbox, or for a frame larger than
+    /// its request area.
+    pub fn mailbox_exchange(&mut self, frame: &[u8]) -> Result<protocol::Frame, ClientError> {
+        let Some(mb) = self.mailbox.as_ref() else {
+            return Err(ClientError::Mailbox(MailboxError::NotAMailbox("none attached; call attach_mailbox".into())));
+        };
+        let seq = self.mailbox_seq + 1;
+        let polling = mb.post(frame, seq)?;
+        self.mailbox_seq = seq;
+        let mut answer = None;
+        if polling {
+            let start = std::time::Instant::now();
+            let limit = self.spin.max(Duration::from_micros(50));
+            while answer.is_none() && start.elapsed() < limit {
+                answer = mb.take_reply(seq)?;
+                std::hint::spin_loop();
+            }
+        }
+        if answer.is_none() {
+            // The ring's reply comes after the mailbox's.
+            let ring = self.send(&Request::Ring(Ring {}))?;
+            match self.read_reply(ring)? {
+                Reply::Ring(_) => {}
+                _ => return Err(ClientError::UnexpectedReply("ring")),
+            }
+            let mb = self.mailbox.as_ref().ok_or(ClientError::UnexpectedReply("mailbox"))?;
+            answer = mb.take_reply(seq)?;
+        }
+        let bytes =
+            answer.ok_or_else(|| ClientError::Decode("the server answered the ring but not the mailbox".into()))?;
+        let (frame, _) = protocol::decode(&bytes)?
+            .ok_or_else(|| ClientError::Decode("the mailbox's reply is not a whole frame".into()))?;
+        Ok(frame)
     }
 
     /// Server figures.
@@ -167,8 +262,12 @@ impl Client {
         self.out.clear();
         let reply = if protocol::encode_packed_lookup(&mut self.out, id, hashes.iter().map(Vec::as_slice)).is_some() {
             self.next_id += 1;
-            self.stream.write_all(&self.out)?;
-            self.read_reply(id)?
+            if self.mailbox.is_some() && self.out.len() <= crate::mailbox::REQUEST_BYTES {
+                self.call_mailbox(id)?
+            } else {
+                self.stream.write_all(&self.out)?;
+                self.read_reply(id)?
+            }
         } else {
             let list = hashes.iter().map(|h| BlockHashBytes::from(h.clone())).collect();
             self.call(&Request::Lookup(Lookup { hashes: list, packed: None }))?
@@ -225,6 +324,17 @@ impl Client {
     /// Sends `request` and waits for its reply; completion events that arrive meanwhile are kept
     /// for [`Client::wait_event`].
     pub fn call(&mut self, request: &Request) -> Result<Reply, ClientError> {
+        if self.mailbox.is_some() && matches!(request, Request::Lookup(_) | Request::Release(_)) {
+            let id = self.next_id;
+            self.next_id += 1;
+            self.out.clear();
+            protocol::encode(&mut self.out, FrameKind::Request, id, &protocol::to_body(request));
+            if self.out.len() <= crate::mailbox::REQUEST_BYTES {
+                return self.call_mailbox(id);
+            }
+            self.stream.write_all(&self.out)?;
+            return self.read_reply(id);
+        }
         let id = self.send(request)?;
         self.read_reply(id)
     }
@@ -303,7 +413,7 @@ impl Client {
             }
             let n = match self.poll_read(&mut chunk)? {
                 Some(n) => n,
-                None => self.stream.read(&mut chunk)?,
+                None => self.recv(&mut chunk, 0)?,
             };
             if n == 0 {
                 return Err(
@@ -316,6 +426,52 @@ impl Client {
 }
 
 impl Client {
+    /// One `recvmsg` into `buf` with `flags`, keeping any descriptors the server attached.
+    fn recv(&mut self, buf: &mut [u8], flags: libc::c_int) -> std::io::Result<usize> {
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        // Room for a few descriptors; the server sends one at a time.
+        let mut control = [0u64; 8];
+        // SAFETY: an all-zero msghdr is valid; the fields set below point at live buffers.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        loop {
+            // SAFETY: `msg` points at `buf` (writable, `buf.len()` bytes) and `control`, both live
+            // for the call; the descriptor belongs to `self.stream`.
+            let n = unsafe { libc::recvmsg(self.stream.as_raw_fd(), &mut msg, flags | libc::MSG_CMSG_CLOEXEC) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            // SAFETY: the kernel filled `msg`'s control buffer; the CMSG macros walk it within
+            // `msg_controllen`, and each SCM_RIGHTS header's data holds whole descriptors that
+            // are now ours.
+            unsafe {
+                let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+                while !cmsg.is_null() {
+                    if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                        let data = libc::CMSG_DATA(cmsg);
+                        let bytes = (*cmsg).cmsg_len as usize - (data as usize - cmsg as usize);
+                        for i in 0..bytes / std::mem::size_of::<libc::c_int>() {
+                            let fd = std::ptr::read_unaligned(data.cast::<libc::c_int>().add(i));
+                            if self.fds.len() == MAX_KEPT_FDS {
+                                self.fds.pop_front();
+                            }
+                            self.fds.push_back(OwnedFd::from_raw_fd(fd));
+                        }
+                    }
+                    cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+                }
+            }
+            return Ok(n as usize);
+        }
+    }
+
     /// Reads what is there without sleeping, retrying for up to `self.spin`; `None` when nothing
     /// came in that time.
     fn poll_read(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
@@ -324,14 +480,10 @@ impl Client {
         }
         let start = std::time::Instant::now();
         loop {
-            // SAFETY: `buf` is a live, writable buffer of `buf.len()` bytes for the whole call, and
-            // the descriptor belongs to `self.stream`.
-            let n =
-                unsafe { libc::recv(self.stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-            if n >= 0 {
-                return Ok(Some(n as usize));
-            }
-            let e = std::io::Error::last_os_error();
+            let e = match self.recv(buf, libc::MSG_DONTWAIT) {
+                Ok(n) => return Ok(Some(n)),
+                Err(e) => e,
+            };
             match e.kind() {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => {}
                 _ => return Err(e),

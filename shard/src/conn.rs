@@ -10,6 +10,7 @@
 
 use crate::acceptor::Peer;
 use crate::gpu_path::{Layerwise, SaveAfter};
+use crate::mailbox::{self, Mailbox};
 use crate::shard::{MeshMsg, ShardCtx};
 use crate::store::{self, EngineMemory, InstanceOp, LeaseOp, StoreError};
 use futures_lite::io::{ReadHalf, WriteHalf};
@@ -21,14 +22,15 @@ use kvloft_engine::limits::DEFAULT_LEASE_TTL_MS;
 use kvloft_engine::namespace::NamespaceId;
 use kvloft_engine::protocol::{
     self, BlockHashBytes, BodyError, Done, ErrorCode, ErrorReply, Event, FrameError, FrameKind, FrameRef, HelloReply,
-    LoadDone, LoadLayers, LookupReply, Queued, RegisterInstanceReply, RegisterMemoryReply, Reply, Request, SaveDone,
-    StatsReply, LEN_BYTES, MAX_BATCH_BLOCKS, MAX_FRAME_BYTES, MAX_HASH_BYTES, MAX_LAYERS, PROTOCOL_VERSION,
+    LoadDone, LoadLayers, LookupReply, MailboxReply, Queued, RegisterInstanceReply, RegisterMemoryReply, Reply,
+    Request, SaveDone, StatsReply, LEN_BYTES, MAX_BATCH_BLOCKS, MAX_FRAME_BYTES, MAX_HASH_BYTES, MAX_LAYERS,
+    PROTOCOL_VERSION,
 };
 use kvloft_gpu::host::HostMemory;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,6 +43,9 @@ const SHARD_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 const OUTBOX_FRAMES: usize = 256;
 /// The pause between two direct reads of a connection that is polling its socket.
 const SPIN_READ_PAUSE: Duration = Duration::from_micros(1);
+/// How long a polling connection with a mailbox watches it without yielding, between looks at
+/// its socket (decision 47).
+const MAILBOX_BURST: Duration = Duration::from_micros(5);
 /// Leases a connection remembers for release on disconnect; older ones still expire by TTL.
 const MAX_LEASES_PER_CONNECTION: usize = 4096;
 /// Longest instance id accepted.
@@ -63,6 +68,11 @@ pub(crate) fn spawn(ctx: Rc<ShardCtx>, stream: UnixStream, peer: Peer, fd: RawFd
             queued,
             fd,
             pending_pins: RefCell::new(None),
+            mailbox: RefCell::new(None),
+            mailbox_seen: Cell::new(0),
+            mailbox_buf: RefCell::new(Vec::new()),
+            in_mailbox: Cell::new(false),
+            pending_fd: RefCell::new(None),
         });
         let _ = conn.clone().read_loop(reader, fd).await;
         conn.close().await;
@@ -126,6 +136,25 @@ struct Connection {
     fd: RawFd,
     /// The pins of the lookup being answered, taken once its reply is written (decision 44).
     pending_pins: RefCell<Option<store::PendingPins>>,
+    /// The connection's mailbox once `attach_mailbox` made one (decision 47), the last request
+    /// number served from it, and the buffer its requests are copied into.
+    mailbox: RefCell<Option<Rc<Mailbox>>>,
+    mailbox_seen: Cell<u64>,
+    mailbox_buf: RefCell<Vec<u8>>,
+    /// Set while a request from the mailbox is answered.
+    in_mailbox: Cell<bool>,
+    /// The descriptor that the reply being sent hands over (`attach_mailbox`).
+    pending_fd: RefCell<Option<OwnedFd>>,
+}
+
+/// What [`Connection::spin_read`] found.
+enum Polled {
+    /// Bytes (or an error) from the socket.
+    Read(std::io::Result<usize>),
+    /// A request waiting in the mailbox.
+    Mailbox,
+    /// Nothing within the polling time: wait through the reactor.
+    Idle,
 }
 
 /// An error to send back: code and text.
@@ -180,8 +209,12 @@ impl Connection {
                 buf.resize(end + READ_CHUNK_BYTES, 0);
             }
             let n = match self.spin_read(fd, &mut buf[end..]).await {
-                Some(n) => n?,
-                None => reader.read(&mut buf[end..]).await?,
+                Polled::Read(n) => n?,
+                Polled::Mailbox => {
+                    self.serve_mailbox().await;
+                    continue;
+                }
+                Polled::Idle => reader.read(&mut buf[end..]).await?,
             };
             if n == 0 {
                 return Ok(());
@@ -200,26 +233,57 @@ impl Connection {
     /// 8 us per request on the H100 box), which this avoids while the connection is busy. Only a
     /// single-shard server keeps trying: with several shards a lookup's round trip is mostly mesh
     /// hops, and the connection's polling raised the 8-shard p99 in our runs (decision 38).
-    async fn spin_read(&self, fd: RawFd, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
+    ///
+    /// A connection with a mailbox polls it too, and says so in the mailbox while it does: a
+    /// client that posts a request meanwhile need not ring (decision 47).
+    async fn spin_read(&self, fd: RawFd, buf: &mut [u8]) -> Polled {
         let spin = if self.ctx.shard_count() == 1 {
             Duration::from_micros(self.ctx.shared.topology.server.spin_us)
         } else {
             Duration::ZERO
         };
+        let mailbox = self.mailbox.borrow().clone();
+        if let Some(mb) = mailbox.as_ref().filter(|_| !spin.is_zero()) {
+            mb.set_polling(true);
+        }
+        let waiting = |mb: &Mailbox| mb.request_seq() != self.mailbox_seen.get();
         let start = Instant::now();
         loop {
+            if let Some(mb) = mailbox.as_deref() {
+                // A burst of loads of the mailbox's word, no system call: a request is noticed
+                // within nanoseconds instead of at the next round of the executor. The burst is
+                // short so that the shard's other tasks wait at most that long.
+                let burst = Instant::now();
+                loop {
+                    if waiting(mb) {
+                        return Polled::Mailbox;
+                    }
+                    if spin.is_zero() || burst.elapsed() >= MAILBOX_BURST {
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+            }
             // SAFETY: `buf` is a live, writable buffer of `buf.len()` bytes for the whole call,
             // and `fd` is this connection's socket, open until the connection task ends.
             let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
             if n >= 0 {
-                return Some(Ok(n as usize));
+                return Polled::Read(Ok(n as usize));
             }
             let e = std::io::Error::last_os_error();
             if !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) {
-                return Some(Err(e));
+                return Polled::Read(Err(e));
             }
             if start.elapsed() >= spin {
-                return None;
+                if let Some(mb) = mailbox.as_deref() {
+                    // Off, then one more look: a request posted before a client saw the flag
+                    // off is seen here; one posted after is rung for.
+                    mb.set_polling(false);
+                    if waiting(mb) {
+                        return Polled::Mailbox;
+                    }
+                }
+                return Polled::Idle;
             }
             // A timer rather than a bare yield: the executor polls its I/O before it fires.
             glommio::timer::sleep(SPIN_READ_PAUSE).await;
@@ -274,6 +338,16 @@ impl Connection {
         self.ctx.metrics.requests.inc();
         let id = frame.request_id;
         let reply = self.reply(frame).await;
+        if matches!(reply, Ok(Reply::Ring(_))) {
+            // The mailbox's reply first, then the ring's.
+            self.serve_mailbox().await;
+        }
+        if let Some(fd) = self.pending_fd.take() {
+            if let Ok(reply) = &reply {
+                self.send_with_fd(id, &protocol::to_body(reply), fd).await;
+                return;
+            }
+        }
         // A lookup that answers before it pins: the pins are taken right after the answer's
         // synchronous write, before anything can await (and let another task evict).
         let pending = self.pending_pins.take();
@@ -292,6 +366,111 @@ impl Connection {
                     self.ctx.pin_found(pending);
                 }
                 self.error(id, code, message).await
+            }
+        }
+    }
+
+    /// Answers the request waiting in the mailbox, if any, into the mailbox: its reply or
+    /// error frame, or an error frame naming what is wrong with the mailbox's contents. A reply
+    /// too large for the mailbox is replaced by an error saying so.
+    async fn serve_mailbox(self: &Rc<Self>) {
+        let Some(mb) = self.mailbox.borrow().clone() else { return };
+        let seq = mb.request_seq();
+        if seq == self.mailbox_seen.get() {
+            return;
+        }
+        self.mailbox_seen.set(seq);
+        self.ctx.metrics.requests.inc();
+        let mut buf = std::mem::take(&mut *self.mailbox_buf.borrow_mut());
+        let mut out = Vec::new();
+        let failure = |out: &mut Vec<u8>, id: u64, code: ErrorCode, message: String| {
+            self.ctx.metrics.errors.inc();
+            out.clear();
+            protocol::encode(out, FrameKind::Error, id, &protocol::to_body(&ErrorReply { code, message }));
+        };
+        match mb.read_request(&mut buf) {
+            Err(e) => failure(&mut out, 0, ErrorCode::BadFrame, e.to_string()),
+            Ok(()) => match protocol::decode_ref(&buf) {
+                Ok(Some((frame, used))) if used == buf.len() => {
+                    let id = frame.request_id;
+                    self.in_mailbox.set(true);
+                    let reply = self.reply(&frame).await;
+                    self.in_mailbox.set(false);
+                    let pending = self.pending_pins.take();
+                    match reply {
+                        Ok(reply) => protocol::encode(&mut out, FrameKind::Reply, id, &protocol::to_body(&reply)),
+                        Err(Failure(code, message)) => failure(&mut out, id, code, message),
+                    }
+                    if out.len() > mailbox::REPLY_BYTES {
+                        let message = format!(
+                            "the reply of {} bytes does not fit the mailbox's {}; send this request over the socket",
+                            out.len(),
+                            mailbox::REPLY_BYTES
+                        );
+                        failure(&mut out, id, ErrorCode::BadRequest, message);
+                    }
+                    let _ = mb.reply(&out, seq);
+                    if let Some(pending) = pending {
+                        self.ctx.pin_found(pending);
+                    }
+                    *self.mailbox_buf.borrow_mut() = buf;
+                    return;
+                }
+                Ok(_) => failure(
+                    &mut out,
+                    0,
+                    ErrorCode::BadFrame,
+                    format!("the mailbox's {} request bytes are not exactly one whole frame", buf.len()),
+                ),
+                Err(e) => failure(&mut out, e.request_id(), ErrorCode::BadFrame, e.to_string()),
+            },
+        }
+        let _ = mb.reply(&out, seq);
+        *self.mailbox_buf.borrow_mut() = buf;
+    }
+
+    /// `attach_mailbox`: makes the connection's mailbox and keeps its descriptor for the reply.
+    fn attach_mailbox(&self) -> Result<Reply, Failure> {
+        if self.in_mailbox.get() {
+            return Err(Failure(ErrorCode::BadRequest, "send attach_mailbox over the socket, not the mailbox".into()));
+        }
+        if self.mailbox.borrow().is_some() {
+            return Err(Failure(ErrorCode::AlreadyRegistered, "this connection already has a mailbox".into()));
+        }
+        let (mb, fd) = Mailbox::create()
+            .map_err(|e| Failure(ErrorCode::Internal, format!("cannot make a mailbox ({e}); keep using the socket")))?;
+        *self.mailbox.borrow_mut() = Some(Rc::new(mb));
+        *self.pending_fd.borrow_mut() = Some(fd);
+        Ok(Reply::AttachMailbox(MailboxReply {
+            bytes: mailbox::MAILBOX_BYTES as u64,
+            request_bytes: mailbox::REQUEST_BYTES as u64,
+            reply_bytes: mailbox::REPLY_BYTES as u64,
+        }))
+    }
+
+    /// Sends a reply frame with `fd` attached (`SCM_RIGHTS`), after every frame queued before it.
+    async fn send_with_fd(&self, id: u64, body: &[u8], fd: OwnedFd) {
+        while self.queued.get() > 0 {
+            glommio::timer::sleep(SPIN_READ_PAUSE).await;
+        }
+        let mut frame = Vec::with_capacity(LEN_BYTES + protocol::HEADER_BYTES + body.len());
+        protocol::encode(&mut frame, FrameKind::Reply, id, body);
+        let mut tries = 0;
+        loop {
+            match send_fd(self.fd, &frame, fd.as_raw_fd()) {
+                Ok(n) => {
+                    if n < frame.len() {
+                        frame.drain(..n);
+                        self.queue(frame).await;
+                    }
+                    return;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock && tries < 1000 => {
+                    tries += 1;
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                }
+                // The client stopped reading or went away; the read loop sees the rest.
+                Err(_) => return,
             }
         }
     }
@@ -318,6 +497,8 @@ impl Connection {
         }
         match request {
             Request::Stats(_) => self.stats().await.map(Reply::Stats),
+            Request::AttachMailbox(_) => self.attach_mailbox(),
+            Request::Ring(_) => Ok(Reply::Ring(Done {})),
             Request::RegisterInstance(r) => self.register_instance(r.instance, &r.namespace).await,
             Request::RegisterMemory(r) => self.register_memory(r),
             Request::Lookup(r) => self.lookup(r).await,
@@ -741,4 +922,33 @@ fn parse_request(body: &[u8]) -> Result<Request, Failure> {
         };
         Failure(code, e.to_string())
     })
+}
+
+/// Sends `frame` on socket `fd` with descriptor `pass` attached (`SCM_RIGHTS`, which travels with
+/// the first byte); returns the bytes sent.
+fn send_fd(fd: RawFd, frame: &[u8], pass: RawFd) -> std::io::Result<usize> {
+    let mut iov = libc::iovec { iov_base: frame.as_ptr() as *mut libc::c_void, iov_len: frame.len() };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: an all-zero msghdr is valid; the fields set below point at live buffers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: `msg` has a control buffer of CMSG_SPACE(one fd), so the first header and its data
+    // lie inside it; `iov`, `frame` and `control` outlive the sendmsg call.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), pass);
+        let n = libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
 }

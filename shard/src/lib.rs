@@ -17,6 +17,7 @@ pub mod client;
 mod conn;
 mod error;
 mod gpu_path;
+pub mod mailbox;
 mod mesh;
 mod metrics;
 pub mod route;
