@@ -239,6 +239,64 @@ where
     Some(())
 }
 
+/// A packed `lookup` body read in place: the hashes stay where the frame holds them, with no
+/// owned request built around them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackedLookupView<'a> {
+    /// Bytes per hash, as sent (checked by [`PackedLookupView::hashes`]).
+    pub hash_bytes: u64,
+    /// The hashes back to back.
+    pub bytes: &'a [u8],
+}
+
+impl<'a> PackedLookupView<'a> {
+    /// Reads `body` when it is exactly the packed lookup [`encode_packed_lookup`] writes: the map
+    /// `{"op": "lookup", "hashes": [], "packed": {"hash_bytes": N, "bytes": BIN}}` with its keys in
+    /// that order and nothing after it. `None` for any other body, which then takes the general
+    /// decoder ([`Request::decode`]), so this is only a shortcut, never a second dialect.
+    pub fn parse(body: &'a [u8]) -> Option<Self> {
+        fn key(rd: &mut &[u8], want: &str) -> Option<()> {
+            let len = rmp::decode::read_str_len(rd).ok()? as usize;
+            let (name, rest) = rd.split_at_checked(len)?;
+            *rd = rest;
+            (name == want.as_bytes()).then_some(())
+        }
+        let mut rd: &[u8] = body;
+        if rmp::decode::read_map_len(&mut rd).ok()? != 3 {
+            return None;
+        }
+        key(&mut rd, "op")?;
+        key(&mut rd, "lookup")?;
+        key(&mut rd, "hashes")?;
+        if rmp::decode::read_array_len(&mut rd).ok()? != 0 {
+            return None;
+        }
+        key(&mut rd, "packed")?;
+        if rmp::decode::read_map_len(&mut rd).ok()? != 2 {
+            return None;
+        }
+        key(&mut rd, "hash_bytes")?;
+        let hash_bytes: u64 = rmp::decode::read_int(&mut rd).ok()?;
+        key(&mut rd, "bytes")?;
+        let len = rmp::decode::read_bin_len(&mut rd).ok()? as usize;
+        (rd.len() == len).then_some(Self { hash_bytes, bytes: rd })
+    }
+
+    /// The hashes, each `hash_bytes` long; fails, naming the problem, on a length of 0 or over
+    /// [`MAX_HASH_BYTES`] or bytes that are not a whole number of hashes (as
+    /// [`PackedHashes::hashes`]).
+    pub fn hashes(&self) -> Result<std::slice::ChunksExact<'a, u8>, String> {
+        let n = self.hash_bytes as usize;
+        if !(1..=MAX_HASH_BYTES as u64).contains(&self.hash_bytes) {
+            return Err(format!("packed hash_bytes is {}; it must be 1 to {MAX_HASH_BYTES}", self.hash_bytes));
+        }
+        if self.bytes.len() % n != 0 {
+            return Err(format!("{} packed bytes are not a whole number of {n}-byte hashes", self.bytes.len()));
+        }
+        Ok(self.bytes.chunks_exact(n))
+    }
+}
+
 /// Serialises a message body as a MessagePack map with field names.
 pub fn to_body<T: Serialize>(value: &T) -> Vec<u8> {
     // Serialising our own plain structs into a Vec cannot fail.
@@ -908,6 +966,70 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The server failed internally; the message says where. Retry, then report it.
     Internal,
+}
+
+#[cfg(test)]
+mod packed_view_tests {
+    use super::*;
+
+    fn body_of(frame: &[u8]) -> &[u8] {
+        &frame[LEN_BYTES + HEADER_BYTES..]
+    }
+
+    #[test]
+    fn the_view_reads_what_the_packed_encoder_writes() {
+        for (count, n) in [(1usize, 32usize), (1024, 32), (3, 7), (300, 1)] {
+            let hashes: Vec<Vec<u8>> = (0..count).map(|i| vec![(i % 251) as u8; n]).collect();
+            let mut frame = Vec::new();
+            encode_packed_lookup(&mut frame, 9, hashes.iter().map(Vec::as_slice)).unwrap();
+            let view = PackedLookupView::parse(body_of(&frame)).expect("the encoder's layout");
+            assert_eq!(view.hash_bytes, n as u64);
+            let Request::Lookup(owned) = Request::decode(body_of(&frame)).unwrap() else { panic!("a lookup") };
+            let packed = owned.packed.unwrap();
+            assert_eq!(view.bytes, packed.bytes.as_slice());
+            assert!(view.hashes().unwrap().eq(packed.hashes().unwrap()));
+        }
+    }
+
+    #[test]
+    fn other_bodies_take_the_general_decoder() {
+        let hashes = [vec![1u8; 32], vec![2u8; 32]];
+        let mut frame = Vec::new();
+        encode_packed_lookup(&mut frame, 1, hashes.iter().map(Vec::as_slice)).unwrap();
+        let body = body_of(&frame).to_vec();
+        // Trailing or missing bytes, the list form, another operation, reordered keys.
+        let mut longer = body.clone();
+        longer.push(0);
+        assert_eq!(PackedLookupView::parse(&longer), None);
+        assert_eq!(PackedLookupView::parse(&body[..body.len() - 1]), None);
+        let list = to_body(&Request::Lookup(Lookup {
+            hashes: hashes.iter().cloned().map(BlockHashBytes::from).collect(),
+            packed: None,
+        }));
+        assert_eq!(PackedLookupView::parse(&list), None);
+        assert_eq!(PackedLookupView::parse(&to_body(&Request::Stats(StatsRequest {}))), None);
+        #[derive(Serialize)]
+        struct Reordered<'a> {
+            op: &'a str,
+            packed: PackedHashes,
+            hashes: Vec<u8>,
+        }
+        let packed = PackedHashes::pack(hashes.iter().map(Vec::as_slice)).unwrap();
+        let reordered = to_body(&Reordered { op: "lookup", packed, hashes: vec![] });
+        assert_eq!(PackedLookupView::parse(&reordered), None);
+        assert!(Request::decode(&reordered).is_ok(), "still a lookup for the general decoder");
+        assert_eq!(PackedLookupView::parse(b""), None);
+        // A bad hash length parses, and is refused where the hashes are read.
+        let mut bad = Vec::new();
+        encode_packed_lookup(&mut bad, 1, [&[5u8; 4][..], &[6u8; 4][..]]).unwrap();
+        let mut body = body_of(&bad).to_vec();
+        let at = body.windows(10).position(|w| w == b"hash_bytes").unwrap() + 10;
+        body[at] = 3; // 8 bytes are not a whole number of 3-byte hashes
+        let view = PackedLookupView::parse(&body).unwrap();
+        assert!(view.hashes().unwrap_err().contains("whole number"));
+        body[at] = 0;
+        assert!(PackedLookupView::parse(&body).unwrap().hashes().unwrap_err().contains("1 to 32"));
+    }
 }
 
 #[cfg(test)]

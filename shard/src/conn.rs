@@ -482,6 +482,19 @@ impl Connection {
                 format!("a client may send only request frames (kind 1), not kind {}", frame.kind as u8),
             ));
         }
+        // The Rust client's lookups, read in place: the same checks as below, no owned request.
+        if let Some(view) = protocol::PackedLookupView::parse(frame.body) {
+            if self.ctx.stopping.get() {
+                return Err(Failure(ErrorCode::ShuttingDown, "the server is shutting down; reconnect later".into()));
+            }
+            if !self.state.borrow().greeted {
+                return Err(Failure(
+                    ErrorCode::HelloRequired,
+                    "`lookup` was sent before `hello`; send hello first on every connection".into(),
+                ));
+            }
+            return self.lookup_packed(view).await;
+        }
         let request = parse_request(frame.body)?;
         if self.ctx.stopping.get() {
             return Err(Failure(ErrorCode::ShuttingDown, "the server is shutting down; reconnect later".into()));
@@ -641,27 +654,20 @@ impl Connection {
             Some(_) if !request.hashes.is_empty() => {
                 return Err(Failure(ErrorCode::BadRequest, "send hashes either as a list or packed, not both".into()))
             }
-            Some(packed) => {
-                let chunks = packed.hashes().map_err(|e| Failure(ErrorCode::BadRequest, e))?;
-                if chunks.len() > MAX_BATCH_BLOCKS {
-                    return Err(too_many(chunks.len()));
-                }
-                let mut hashes = Vec::with_capacity(chunks.len());
-                if packed.hash_bytes as usize == MAX_HASH_BYTES {
-                    // The usual 32-byte hashes: every length is right, nothing can fail.
-                    hashes.extend(chunks.map(|h| {
-                        let mut full = [0u8; MAX_HASH_BYTES];
-                        full.copy_from_slice(h);
-                        BlockHash::from(full)
-                    }));
-                } else {
-                    for (i, h) in chunks.enumerate() {
-                        hashes.push(block_hash(i, h)?);
-                    }
-                }
-                hashes
-            }
+            Some(packed) => packed_block_hashes(packed.hashes())?,
         };
+        self.lookup_hashes(instance, hashes).await
+    }
+
+    /// A packed lookup read in place from its frame ([`protocol::PackedLookupView`]): the same
+    /// as [`Connection::lookup`] without first copying the hashes into an owned request.
+    async fn lookup_packed(&self, view: protocol::PackedLookupView<'_>) -> Result<Reply, Failure> {
+        let instance = self.instance()?;
+        let hashes = packed_block_hashes(view.hashes())?;
+        self.lookup_hashes(instance, hashes).await
+    }
+
+    async fn lookup_hashes(&self, instance: Instance, hashes: Vec<BlockHash>) -> Result<Reply, Failure> {
         let store::LookupAnswer { hits, lease, pending } =
             store::lookup(&self.ctx, &instance.name, instance.ns, instance.ranks, hashes, DEFAULT_LEASE_TTL_MS).await?;
         // Taken by `answer` once the reply is written; nothing awaits before that.
@@ -951,4 +957,27 @@ fn send_fd(fd: RawFd, frame: &[u8], pass: RawFd) -> std::io::Result<usize> {
         }
         Ok(n as usize)
     }
+}
+
+/// The block hashes of a packed lookup's `chunks` (or why they are not), bounded by
+/// [`MAX_BATCH_BLOCKS`].
+fn packed_block_hashes(chunks: Result<std::slice::ChunksExact<'_, u8>, String>) -> Result<Vec<BlockHash>, Failure> {
+    let chunks = chunks.map_err(|e| Failure(ErrorCode::BadRequest, e))?;
+    if chunks.len() > MAX_BATCH_BLOCKS {
+        return Err(too_many(chunks.len()));
+    }
+    let mut hashes = Vec::with_capacity(chunks.len());
+    if chunks.clone().next().is_some_and(|h| h.len() == MAX_HASH_BYTES) {
+        // The usual 32-byte hashes: every length is right, nothing can fail.
+        hashes.extend(chunks.map(|h| {
+            let mut full = [0u8; MAX_HASH_BYTES];
+            full.copy_from_slice(h);
+            BlockHash::from(full)
+        }));
+    } else {
+        for (i, h) in chunks.enumerate() {
+            hashes.push(block_hash(i, h)?);
+        }
+    }
+    Ok(hashes)
 }
