@@ -95,11 +95,13 @@ pub struct Mailbox {
 unsafe impl Send for Mailbox {}
 
 impl Mailbox {
-    /// Makes a new mailbox (server side): a sealed-size `memfd` of [`MAILBOX_BYTES`], mapped,
-    /// with its magic written. Returns the mapping and the descriptor to hand to the client.
+    /// Makes a new mailbox (server side): a `memfd` of [`MAILBOX_BYTES`] whose size is sealed
+    /// (a client cannot shrink it under the server's mapping, which would fault the server),
+    /// mapped, with its magic written. Returns the mapping and the descriptor to hand to the
+    /// client.
     pub fn create() -> Result<(Mailbox, OwnedFd), MailboxError> {
         // SAFETY: the name is a NUL-terminated literal; the flags are valid.
-        let fd = unsafe { libc::memfd_create(c"kvloft-mailbox".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(c"kvloft-mailbox".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
         if fd < 0 {
             return Err(os("memfd_create"));
         }
@@ -108,6 +110,11 @@ impl Mailbox {
         // SAFETY: `fd` is a valid memfd; the length fits off_t.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), MAILBOX_BYTES as libc::off_t) } != 0 {
             return Err(os("ftruncate"));
+        }
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: `fd` is a memfd made with MFD_ALLOW_SEALING; F_ADD_SEALS takes an int.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(os("fcntl(F_ADD_SEALS)"));
         }
         let mailbox = Self::map_fd(&fd)?;
         // SAFETY: the mapping is MAILBOX_BYTES long and 8-byte aligned (page aligned); no one
@@ -276,6 +283,16 @@ mod tests {
         assert_eq!(client.take_reply(1).unwrap().unwrap(), b"reply frame");
         server.set_polling(false);
         assert!(!client.post(b"next", 2).unwrap(), "not polling: the client must ring");
+    }
+
+    #[test]
+    fn a_client_cannot_resize_the_mailbox() {
+        let (_server, fd) = Mailbox::create().unwrap();
+        // SAFETY: `fd` is a valid memfd; both calls only try to change its size.
+        let (shrink, grow) =
+            unsafe { (libc::ftruncate(fd.as_raw_fd(), 4096), libc::ftruncate(fd.as_raw_fd(), 1 << 30)) };
+        assert_eq!((shrink, grow), (-1, -1), "the size is sealed");
+        assert!(Mailbox::open(&fd).is_ok());
     }
 
     #[test]
