@@ -11,6 +11,11 @@ and is killed (SIGKILL) while the copy runs:
 - `after_event`: a save ordered behind an interprocess event that the child records after about
   half a second of GPU sleep, killed at once, so the server's copy waits on an event of a process
   that is gone.
+- `layerwise`: a layer-wise save (one event per layer) whose layer 0 event fires at once and whose
+  other layers' events are recorded after about half a second of GPU sleep, killed at once: the
+  server copies layer 0 and then waits, up to 10 s, on events that never fire. The next client's
+  round trip must take under `LAYERWISE_RECOVERY_S` (the server gives the copier back while it
+  waits on a worker's event; before that it held it for the whole 10 s).
 
 After each death a new client must, within 30 seconds, save 64 random blocks from its own GPU
 cache, look them up, load them into other blocks poisoned first and read back the same bytes; and
@@ -42,6 +47,7 @@ from kvloft.gpu import cuda_layers  # noqa: E402
 LAYERS = 32
 BLOCK_BYTES = 16 << 10
 RECOVERY_TIMEOUT_S = 30.0
+LAYERWISE_RECOVERY_S = 5.0
 
 
 def namespace(tag: str) -> kvloft.Namespace:
@@ -65,6 +71,7 @@ def child(sock: str, mode: str) -> None:
     c.register_instance(f"dying-{mode}", namespace(f"dying-{mode}"))
     c.register_memory(0, layers, device="cuda:0", gpu_uuid=uuid, ipc=ipc)
     handle = None
+    layer_handles = None
     if mode == "after_event":
         side = torch.cuda.Stream()
         ev = torch.cuda.Event(interprocess=True)
@@ -72,9 +79,21 @@ def child(sock: str, mode: str) -> None:
             torch.cuda._sleep(1_000_000_000)  # about half a second of GPU time
             ev.record(side)
         handle = bytes(ev.ipc_handle())
+    elif mode == "layerwise":
+        side = torch.cuda.Stream()
+        events = [torch.cuda.Event(interprocess=True) for _ in range(LAYERS)]
+        events[0].record(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(1_000_000_000)
+            for ev in events[1:]:
+                ev.record(side)
+        layer_handles = [bytes(ev.ipc_handle()) for ev in events]
     blocks = [(os.urandom(32), i) for i in range(nb)]
     # The server has queued the save once this returns; its completion is never awaited.
-    c.save(blocks, wait=False, after_event=handle)
+    if layer_handles is not None:
+        c.save(blocks, wait=False, layer_events=layer_handles)
+    else:
+        c.save(blocks, wait=False, after_event=handle)
     print("sent", flush=True)
     time.sleep(600)
 
@@ -135,7 +154,7 @@ def main() -> None:
         ok, secs, detail = recovery(sock, "baseline")
         print(f"baseline round trip: ok={ok} {secs:.2f} s ({detail})", flush=True)
         failed |= not ok
-        for mode in ("plain", "after_event"):
+        for mode in ("plain", "after_event", "layerwise"):
             p = subprocess.Popen([sys.executable, __file__, "--bin", args.bin, "--out", args.out, "--child", sock, mode],
                                  stdout=subprocess.PIPE, text=True)
             line = p.stdout.readline().strip() if p.stdout else ""
@@ -144,6 +163,9 @@ def main() -> None:
             ok, secs, detail = recovery(sock, mode)
             alive = server.poll() is None
             ok = ok and alive and line == "sent"
+            if mode == "layerwise" and secs >= LAYERWISE_RECOVERY_S:
+                ok = False
+                detail += f"; took {secs:.1f} s, the limit is {LAYERWISE_RECOVERY_S} s (the dying save held the copier)"
             failed |= not ok
             print(f"client killed mid-copy ({mode}): server alive={alive}, next client ok={ok} in {secs:.2f} s ({detail})",
                   flush=True)

@@ -285,10 +285,22 @@ impl<'a> CopyRun<'a> {
     }
 
     /// Plans and queues `items` layer by layer (layer 0 of every block first); layer `i` is
-    /// queued once the worker's `waits[i]` has fired (a layer-wise save).
-    async fn push_layers_after(&self, items: &[(u32, u64)], waits: &[Arc<IpcEvent>]) -> Result<(), String> {
+    /// queued once the worker's `waits[i]` has fired (a layer-wise save). While it waits for an
+    /// event that has not fired, it gives the copier's `turn` back, so that other requests copy
+    /// meanwhile and a worker that dies mid-save holds up no one (decision 48).
+    async fn push_layers_after(
+        &self,
+        items: &[(u32, u64)],
+        waits: &[Arc<IpcEvent>],
+        turn: &mut Option<glommio::sync::Permit<'a>>,
+    ) -> Result<(), String> {
         for (layer, event) in waits.iter().enumerate() {
-            fired(event, &format!("layer {layer}'s event")).await?;
+            if !event.fired().unwrap_or(false) {
+                *turn = None;
+                fired(event, &format!("layer {layer}'s event")).await?;
+                let permit = self.slot.turn.acquire_permit(1).await.map_err(|e| format!("copier closed: {e}"))?;
+                *turn = Some(permit);
+            }
             let plan = self.planner.plan(&self.mem.layer_ranges(items, layer, self.d2h), self.d2h);
             for part in plan.ranges.chunks(COPIER_RANGES) {
                 submit_marked(self.slot, &Plan { method: plan.method, ranges: part.to_vec() }, &[]).await?;
@@ -517,10 +529,13 @@ pub(crate) async fn save(
         if let SaveAfter::Event(event) = &after {
             copy_error = fired(event, "after_event").await.err();
         }
-        let turn = slot.turn.acquire_permit(1).await;
-        if let Err(e) = &turn {
-            copy_error.get_or_insert(format!("copier closed: {e}"));
-        }
+        let mut turn = match slot.turn.acquire_permit(1).await {
+            Ok(permit) => Some(permit),
+            Err(e) => {
+                copy_error.get_or_insert(format!("copier closed: {e}"));
+                None
+            }
+        };
         let run = CopyRun::new(&slot, &mem, true);
         let mut pushed = false;
         // Every owner's slots first, then one copy: owners answer within microseconds of each
@@ -545,7 +560,7 @@ pub(crate) async fn save(
         }
         if copy_error.is_none() && !all_items.is_empty() {
             copy_error = match &after {
-                SaveAfter::Layers(waits) => run.push_layers_after(&all_items, waits).await.err(),
+                SaveAfter::Layers(waits) => run.push_layers_after(&all_items, waits, &mut turn).await.err(),
                 _ => run.push(&all_items).await.err(),
             };
             pushed = true;
