@@ -10,7 +10,8 @@
 //! are joined and the socket file is removed.
 //!
 //! [`route`] holds the pure block-to-shard mapping; [`client`] is a blocking Rust client of the
-//! protocol, for the CLI, tests and benchmarks.
+//! protocol, for the CLI, tests and benchmarks; [`mailbox`] is the shared memory a connection may
+//! carry its requests through instead of the socket.
 
 mod acceptor;
 pub mod client;
