@@ -242,6 +242,20 @@ fn check_request(body: &[u8]) {
     let op = protocol::from_body::<OpOnly>(body).map(|o| o.op);
     let tagged = protocol::from_body::<Request>(body);
     let decoded = Request::decode(body);
+    // The in-place reader of packed lookups is a shortcut: whatever it accepts, the general
+    // decoder reads as the same packed lookup.
+    if let Some(view) = protocol::PackedLookupView::parse(body) {
+        match &decoded {
+            Ok(Request::Lookup(l)) => {
+                let packed = l.packed.as_ref().expect("a packed lookup");
+                assert!(l.hashes.is_empty(), "the view took a lookup with listed hashes");
+                assert_eq!((u64::from(packed.hash_bytes), packed.bytes.as_slice()), (view.hash_bytes, view.bytes));
+            }
+            // hash_bytes beyond u32: the general decoder refuses what the view's checks refuse too.
+            Err(BodyError::Malformed { op: "lookup", .. }) => assert!(view.hashes().is_err()),
+            other => panic!("the view read a packed lookup the decoder read as {other:?}"),
+        }
+    }
     match &decoded {
         Ok(request) => {
             assert_eq!(op.as_deref().ok(), Some(request.op()), "decode read another op than the probe");

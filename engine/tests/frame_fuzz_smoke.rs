@@ -10,9 +10,9 @@
 use kvloft_engine::fuzzing;
 use kvloft_engine::protocol::{
     self, BlockHashBytes, Done, ErrorCode, ErrorReply, Event, FrameKind, Hello, HelloReply, LayerMemory, Load,
-    LoadDone, Lookup, LookupReply, NamespaceSpec, Queued, RegisterInstance, RegisterInstanceReply, RegisterMemory,
-    RegisterMemoryReply, Release, Reply, Request, Save, SaveBlock, SaveDone, ShardStats, StatsReply, StatsRequest,
-    HEADER_BYTES, LEN_BYTES, MAX_FRAME_BYTES,
+    LoadDone, Lookup, LookupReply, NamespaceSpec, PackedHashes, Queued, RegisterInstance, RegisterInstanceReply,
+    RegisterMemory, RegisterMemoryReply, Release, Reply, Request, Save, SaveBlock, SaveDone, ShardStats, StatsReply,
+    StatsRequest, HEADER_BYTES, LEN_BYTES, MAX_FRAME_BYTES,
 };
 use kvloft_engine::rng::SplitMix64;
 use std::path::PathBuf;
@@ -133,6 +133,12 @@ impl Gen {
                 gpu_uuid: None,
                 ipc: vec![],
             }),
+            3 if self.below(2) == 0 => {
+                // The packed form, which the server may read in place (`PackedLookupView`).
+                let n = 1 + self.below(32);
+                let hashes: Vec<Vec<u8>> = (0..self.below(12)).map(|_| self.bytes(n)).collect();
+                Request::Lookup(Lookup { hashes: vec![], packed: PackedHashes::pack(hashes.iter().map(Vec::as_slice)) })
+            }
             3 => Request::Lookup(Lookup { hashes: (0..self.below(12)).map(|_| self.hash()).collect(), packed: None }),
             4 => Request::Save(Save {
                 blocks: (0..self.below(8)).map(|_| SaveBlock { hash: self.hash(), block_id: self.u32() }).collect(),
@@ -575,6 +581,11 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("hello", request(1, &hello)),
         ("stats", request(42, &Request::Stats(StatsRequest {}))),
         ("lookup", request(3, &lookup)),
+        ("lookup_packed", {
+            let mut out = Vec::new();
+            protocol::encode_packed_lookup(&mut out, 11, hashes.iter().map(|h| h.as_slice())).expect("one hash length");
+            out
+        }),
         ("save", request(4, &save)),
         ("session", session),
         ("answers", answers),
