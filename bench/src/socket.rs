@@ -4,6 +4,10 @@
 //! memory), then times `lookup` round trips of 1, 64 and 1,024 hashes that all hit (each lease
 //! released untimed after the measurement), and runs one client per shard doing 1,024-hash
 //! lookups back to back to count hash lookups per second per shard.
+//!
+//! With `resident_blocks`, that many other blocks are saved first, so that the lookups run
+//! against an index of production size rather than one that fits the CPU's caches (the index's
+//! hash table then takes TLB and cache misses a small bench would never see).
 
 use crate::report::{Case, Report};
 use hdrhistogram::Histogram;
@@ -33,6 +37,9 @@ pub struct SocketOptions {
     /// Whether the clients send lookups and releases through a mailbox
     /// ([`Client::attach_mailbox`]) instead of the socket.
     pub mailbox: bool,
+    /// Blocks saved before the working set and never looked up, to give the index a realistic
+    /// size.
+    pub resident_blocks: u64,
 }
 
 impl Default for SocketOptions {
@@ -46,6 +53,7 @@ impl Default for SocketOptions {
             clients_per_shard: 2,
             client_spin: Duration::from_micros(100),
             mailbox: false,
+            resident_blocks: 0,
         }
     }
 }
@@ -115,14 +123,41 @@ pub fn run(opts: &SocketOptions) -> Result<Report, ClientError> {
     let instance = format!("bench-{salt:x}");
     let mut client = worker(&opts.socket, &instance, &memory, opts.client_spin, opts.mailbox)?;
     let shards = client.server.shards.max(1) as usize;
+    // The resident blocks' hashes come from another salt, and their bytes from the same engine
+    // blocks as the working set's. They are saved interleaved with the working set, so that the
+    // working set's index entries lie scattered among theirs, as they would after hours of
+    // traffic.
     let hashes: Vec<Vec<u8>> = (0..WORKING_SET_BLOCKS as u64).map(|i| block_hash(salt, i)).collect();
-    for chunk in (0..WORKING_SET_BLOCKS).collect::<Vec<_>>().chunks(1024) {
-        let blocks: Vec<(Vec<u8>, u32)> = chunk.iter().map(|&i| (hashes[i].clone(), i as u32)).collect();
+    let resident_salt = salt ^ 0x7265_7369_6465_6e74;
+    let every = opts.resident_blocks / WORKING_SET_BLOCKS as u64 + 1;
+    let total = opts.resident_blocks + WORKING_SET_BLOCKS as u64;
+    let (mut next_ws, mut next_resident) = (0u64, 0u64);
+    let mut order = (0..total).map(|p| {
+        let ws = (p % every == 0 && next_ws < WORKING_SET_BLOCKS as u64) || next_resident == opts.resident_blocks;
+        if ws {
+            next_ws += 1;
+            (hashes[next_ws as usize - 1].clone(), (next_ws - 1) as u32)
+        } else {
+            next_resident += 1;
+            let i = next_resident - 1;
+            (block_hash(resident_salt, i), (i % WORKING_SET_BLOCKS as u64) as u32)
+        }
+    });
+    let mut saved = 0u64;
+    while saved < total {
+        let blocks: Vec<(Vec<u8>, u32)> = order.by_ref().take(1024).collect();
         let done = client.save(&blocks)?;
         if done.failed > 0 {
-            return Err(ClientError::Decode(format!("saving the working set failed: {:?}", done.error)));
+            return Err(ClientError::Decode(format!(
+                "saving the working set and resident blocks failed ({:?}); lower --resident-blocks or raise the pool \
+                 size",
+                done.error
+            )));
         }
+        saved += blocks.len() as u64;
     }
+    // What the index holds while the lookups run (resident blocks may have been evicted).
+    let index_slices: u64 = client.stats()?.shards.iter().map(|s| s.slices).sum();
 
     for &n in &opts.batch_sizes {
         let n = n.min(WORKING_SET_BLOCKS);
@@ -147,6 +182,8 @@ pub fn run(opts: &SocketOptions) -> Result<Report, ClientError> {
         case.params.insert("hits".into(), n.into());
         case.params.insert("client_spin_us".into(), (opts.client_spin.as_micros() as u64).into());
         case.params.insert("mailbox".into(), opts.mailbox.into());
+        case.params.insert("resident_blocks".into(), opts.resident_blocks.into());
+        case.params.insert("index_slices".into(), index_slices.into());
         report.cases.push(case);
     }
 
@@ -195,6 +232,8 @@ pub fn run(opts: &SocketOptions) -> Result<Report, ClientError> {
     case.params.insert("client_spin_us".into(), (opts.client_spin.as_micros() as u64).into());
     case.params.insert("unit".into(), "hash lookups per second per shard (lookup + release)".into());
     case.params.insert("mailbox".into(), opts.mailbox.into());
+    case.params.insert("resident_blocks".into(), opts.resident_blocks.into());
+    case.params.insert("index_slices".into(), index_slices.into());
     report.cases.push(case);
     Ok(report)
 }

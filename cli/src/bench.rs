@@ -35,6 +35,10 @@ pub enum Suite {
         /// (`attach_mailbox`, decision 47).
         #[arg(long)]
         mailbox: bool,
+        /// Blocks saved before the timed lookups and never looked up, so that they run against
+        /// an index of production size (2 KiB of pool each)
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        resident_blocks: u64,
         /// Where to write the JSON result.
         #[arg(long, value_name = "FILE", default_value = "bench-socket.json")]
         out: PathBuf,
@@ -132,6 +136,7 @@ pub fn run(suite: &Suite) -> anyhow::Result<ExitCode> {
             clients_per_shard,
             client_spin_us,
             mailbox,
+            resident_blocks,
             out,
             plot,
         } => {
@@ -140,7 +145,9 @@ pub fn run(suite: &Suite) -> anyhow::Result<ExitCode> {
                 Some(s) => s.clone(),
                 None => {
                     let exe = std::env::current_exe()?;
-                    let server = OwnServer::start(&exe, config.as_deref(), 256 << 20, false)?;
+                    // Room for the working set and the resident blocks (2 KiB each), twice over.
+                    let pool = (256u64 << 20).saturating_add(resident_blocks.saturating_mul(4096));
+                    let server = OwnServer::start(&exe, config.as_deref(), pool, false)?;
                     let s = server.socket().to_path_buf();
                     own = Some(server);
                     s
@@ -153,6 +160,7 @@ pub fn run(suite: &Suite) -> anyhow::Result<ExitCode> {
                 clients_per_shard: *clients_per_shard,
                 client_spin: Duration::from_micros(*client_spin_us),
                 mailbox: *mailbox,
+                resident_blocks: *resident_blocks,
                 ..SocketOptions::default()
             };
             let report = socket::run(&opts).context("the socket suite failed")?;

@@ -14,12 +14,13 @@
 //! - [`lease`]: the lease records a `lookup` creates and `load` consumes, kept at their home shard.
 //! - [`limits`]: every bound of the engine's tables, in one place.
 //! - [`rng`]: the crate's one source of deterministic pseudo-randomness.
-//! - [`table`]: the index's hash table, built for batches of lookups (its prefetch hint is the
-//!   crate's only `unsafe`).
+//! - [`table`]: the index's hash table, built for batches of lookups. Its two hints, a prefetch
+//!   and a request for huge pages (`huge_pages`), are the crate's only `unsafe`.
 #![deny(unsafe_code)]
 
 /// Fuzz bodies shared by the cargo-fuzz targets in `fuzz/` and their stable smoke tests.
 pub mod fuzzing;
+mod huge_pages;
 pub mod index;
 pub mod key;
 pub mod lease;

@@ -202,16 +202,18 @@ pub fn encode(out: &mut Vec<u8>, kind: FrameKind, request_id: u64, body: &[u8]) 
 pub fn encode_packed_lookup<'a, I>(out: &mut Vec<u8>, request_id: u64, hashes: I) -> Option<()>
 where
     I: IntoIterator<Item = &'a [u8]>,
-    I::IntoIter: Clone,
+    I::IntoIter: ExactSizeIterator,
 {
-    let hashes = hashes.into_iter();
-    let mut lengths = hashes.clone().map(<[u8]>::len);
-    let hash_bytes = lengths.next().unwrap_or(0);
-    if !(1..=MAX_HASH_BYTES).contains(&hash_bytes) || lengths.any(|l| l != hash_bytes) {
+    // One pass over the hashes: the header takes the first hash's length, each hash is checked
+    // as it is copied, and a mismatch takes everything written back out.
+    let mut hashes = hashes.into_iter().peekable();
+    let count = hashes.len();
+    let hash_bytes = hashes.peek().map_or(0, |h| h.len());
+    if !(1..=MAX_HASH_BYTES).contains(&hash_bytes) {
         return None;
     }
-    let count = hashes.clone().count();
     let start = out.len();
+    out.reserve(64 + count * hash_bytes);
     out.extend_from_slice(&[0; LEN_BYTES]);
     out.extend_from_slice(&MAGIC);
     out.push(PROTOCOL_VERSION);
@@ -232,8 +234,32 @@ where
         rmp::encode::write_bin_len(out, (count * hash_bytes) as u32)?;
         Ok(())
     })();
-    out.reserve(count * hash_bytes);
-    hashes.for_each(|h| out.extend_from_slice(h));
+    let data = out.len();
+    out.resize(data + count * hash_bytes, 0);
+    let slots = out[data..].chunks_exact_mut(hash_bytes);
+    let copied = if hash_bytes == MAX_HASH_BYTES {
+        // The usual 32-byte hashes, copied as fixed-size arrays: no call per hash.
+        slots.zip(hashes).all(|(slot, h)| {
+            match (<&mut [u8; MAX_HASH_BYTES]>::try_from(slot), <&[u8; MAX_HASH_BYTES]>::try_from(h)) {
+                (Ok(slot), Ok(h)) => {
+                    *slot = *h;
+                    true
+                }
+                _ => false,
+            }
+        })
+    } else {
+        slots.zip(hashes).all(|(slot, h)| {
+            h.len() == hash_bytes && {
+                slot.copy_from_slice(h);
+                true
+            }
+        })
+    };
+    if !copied {
+        out.truncate(start);
+        return None;
+    }
     let len = (out.len() - start - LEN_BYTES) as u32;
     out[start..start + LEN_BYTES].copy_from_slice(&len.to_le_bytes());
     Some(())
@@ -1074,6 +1100,10 @@ mod tests {
         assert_eq!(encode_packed_lookup(&mut out, 1, [&[0u8; 33][..]]), None, "too long");
         assert_eq!(encode_packed_lookup(&mut out, 1, std::iter::empty()), None, "empty");
         assert!(out.is_empty(), "nothing written when declined");
+        let mut out = b"kept".to_vec();
+        let late: [&[u8]; 3] = [&[1; 32], &[2; 32], &[3; 8]];
+        assert_eq!(encode_packed_lookup(&mut out, 1, late), None, "a late mismatch");
+        assert_eq!(out, b"kept", "a late mismatch takes back what was written");
     }
 
     /// The same bytes are asserted by python/tests/test_protocol.py: both implementations agree.
