@@ -311,13 +311,13 @@ impl ShardIndex {
     /// after a miss could be loaded and is not worth probing. One call looks the lease up once and
     /// overlaps the index's cache misses (see [`SliceTable::get_prefix_mut`]), which is what makes
     /// a 1,024-hash lookup cheap.
-    pub fn pin_many<'h>(
+    pub fn pin_many(
         &mut self,
         lease: u64,
         expires_ms: u64,
         ns: NamespaceId,
         count: usize,
-        key_at: impl Fn(usize) -> (&'h BlockHash, u16),
+        key_at: impl Fn(usize) -> (BlockHash, u16),
         mut found: impl FnMut(usize, Slot),
     ) -> usize {
         let room = MAX_PINS_PER_SHARD.saturating_sub(self.pin_records);
@@ -378,12 +378,12 @@ impl ShardIndex {
     /// slices are found, and as long as nothing runs on the shard in between (a shard is one
     /// thread) no eviction can come between the answer and its pins, so the client hears back
     /// without waiting for the pin records (decision 44).
-    pub fn find_prefix<'h>(
+    pub fn find_prefix(
         &mut self,
         lease: u64,
         ns: NamespaceId,
         count: usize,
-        key_at: impl Fn(usize) -> (&'h BlockHash, u16),
+        key_at: impl Fn(usize) -> (BlockHash, u16),
     ) -> FoundPrefix {
         let mut found = FoundPrefix { ids: Vec::new(), evictions: self.evictions };
         let room = MAX_PINS_PER_SHARD.saturating_sub(self.pin_records);
@@ -910,7 +910,7 @@ mod tests {
                 .map_while(|(i, (_, key))| one.pin(*key, lease, lease * 10).map(|s| (i, s)))
                 .collect();
             let mut got = Vec::new();
-            let at = |i: usize| (&keys[i].1.block.hash, keys[i].1.rank);
+            let at = |i: usize| (keys[i].1.block.hash, keys[i].1.rank);
             let n = many.pin_many(lease, lease * 10, NS, keys.len(), at, |i, slot| got.push((i, slot)));
             assert_eq!((n, &got), (expect.len(), &expect), "lease {lease}");
             assert_eq!(many.pin_many(lease, 0, NS, 0, |_| unreachable!(), |_, _| panic!()), 0);
@@ -944,7 +944,7 @@ mod tests {
         }
         let keys: Vec<SliceKey> = (0..4).map(k).collect();
         let keys = &keys;
-        let from = |first: usize| move |i: usize| (&keys[first + i].block.hash, keys[first + i].rank);
+        let from = |first: usize| move |i: usize| (keys[first + i].block.hash, keys[first + i].rank);
         assert_eq!(ix.pin_many(u64::MAX, 100, NS, 1, from(1), |_, _| panic!("refused")), 0);
         assert_eq!(ix.pin_many(5, 100, NS, 2, from(1), |i, _| assert_eq!(i, 0)), 1);
         assert_eq!(ix.pin_many(6, 100, NS, 2, from(2), |_, _| panic!("k(2) misses")), 0, "stops at once");
@@ -958,7 +958,7 @@ mod tests {
         put(&mut ix, k(1));
         put(&mut ix, k(2));
         let keys = [k(1), k(2)];
-        let found = ix.find_prefix(7, NS, 2, |i| (&keys[i].block.hash, keys[i].rank));
+        let found = ix.find_prefix(7, NS, 2, |i| (keys[i].block.hash, keys[i].rank));
         assert_eq!(found.len(), 2);
         assert_eq!(ix.pinned(), 0, "finding pins nothing");
         put(&mut ix, k(3));
@@ -968,7 +968,7 @@ mod tests {
         ix.check();
         // Found and pinned with nothing in between: pinned.
         let keys = [k(3)];
-        let found = ix.find_prefix(8, NS, 1, |i| (&keys[i].block.hash, keys[i].rank));
+        let found = ix.find_prefix(8, NS, 1, |i| (keys[i].block.hash, keys[i].rank));
         assert_eq!(ix.pin_found(8, 100, found), 1);
         assert!(ix.pinned_slot(k(3), 8).is_some());
         ix.check();

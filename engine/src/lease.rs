@@ -14,7 +14,7 @@
 //! local and every process allowed on it is trusted alike, and a lease is still checked against
 //! the instance that created it ([`LeaseError::NotOwned`]).
 
-use crate::key::BlockHash;
+use crate::key::{BlockHash, PackedKeys};
 use crate::limits::{EXPIRE_BATCH_LEASES, MAX_BATCH_BLOCKS, MAX_RANKS};
 use crate::namespace::NamespaceId;
 use crate::protocol::ErrorCode;
@@ -24,6 +24,61 @@ use std::collections::{BTreeMap, BTreeSet};
 /// The home shard of lease `id`: its low 16 bits.
 pub fn lease_home(id: u64) -> u16 {
     id as u16
+}
+
+/// A lease's hits, in prefix order: one copy of the bytes a packed lookup sent, or a list of
+/// hashes (a lookup in list form, whose hashes may differ in length). Kept packed so that a
+/// lookup's reply does not wait for a key to be built per hit; a `load` builds them
+/// ([`LeaseHashes::to_vec`]), next to a copy of megabytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseHashes {
+    /// Hashes of one length, end to end.
+    Packed {
+        /// The hashes' bytes.
+        bytes: Vec<u8>,
+        /// Bytes per hash (1 to [`crate::limits::MAX_HASH_BYTES`]).
+        hash_bytes: usize,
+    },
+    /// Hashes one by one.
+    List(Vec<BlockHash>),
+}
+
+impl LeaseHashes {
+    /// The first `n` hashes of `keys`, copied.
+    pub fn packed_prefix(keys: &PackedKeys<'_>, n: usize) -> Self {
+        LeaseHashes::Packed { bytes: keys.prefix_bytes(n).to_vec(), hash_bytes: keys.hash_bytes() }
+    }
+
+    /// Hashes held.
+    pub fn len(&self) -> usize {
+        match self {
+            LeaseHashes::Packed { bytes, hash_bytes } => bytes.len() / (*hash_bytes).max(1),
+            LeaseHashes::List(list) => list.len(),
+        }
+    }
+
+    /// Whether no hash is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The hashes as a list.
+    pub fn to_vec(&self) -> Vec<BlockHash> {
+        match self {
+            LeaseHashes::Packed { bytes, hash_bytes } => match PackedKeys::new(bytes, *hash_bytes) {
+                Ok(keys) => keys.iter().collect(),
+                // Built only by `packed_prefix`, from keys already checked.
+                Err(_) => Vec::new(),
+            },
+            LeaseHashes::List(list) => list.clone(),
+        }
+    }
+}
+
+impl From<Vec<BlockHash>> for LeaseHashes {
+    fn from(list: Vec<BlockHash>) -> Self {
+        LeaseHashes::List(list)
+    }
 }
 
 /// Where one rank stands with a lease.
@@ -48,7 +103,7 @@ pub struct Lease {
     /// The namespace of the hashes.
     pub ns: NamespaceId,
     /// The hits, in prefix order.
-    pub hashes: Vec<BlockHash>,
+    pub hashes: LeaseHashes,
     /// Ranks that must load it: the namespace's slices per block.
     pub ranks: u32,
     /// Time (server milliseconds) at which the lease ends unless consumed first.
@@ -65,10 +120,11 @@ impl Lease {
         id: u64,
         instance: String,
         ns: NamespaceId,
-        hashes: Vec<BlockHash>,
+        hashes: impl Into<LeaseHashes>,
         ranks: u32,
         expires_ms: u64,
     ) -> Self {
+        let hashes = hashes.into();
         let loads = vec![RankLoad::Pending; ranks.min(MAX_RANKS) as usize];
         Self { id, instance, ns, hashes, ranks, expires_ms, loads, loading: 0, loaded: 0, expired: false }
     }
@@ -314,6 +370,17 @@ mod tests {
 
     fn hashes(n: u64) -> Vec<BlockHash> {
         (0..n).map(|i| BlockHash::try_from(&i.to_le_bytes()[..]).unwrap()).collect()
+    }
+
+    #[test]
+    fn packed_hashes_read_back_as_the_list() {
+        let bytes: Vec<u8> = (0..5u64).flat_map(|i| i.to_le_bytes()).collect();
+        let keys = PackedKeys::new(&bytes, 8).unwrap();
+        let kept = LeaseHashes::packed_prefix(&keys, 3);
+        assert_eq!((kept.len(), kept.is_empty()), (3, false));
+        assert_eq!(kept.to_vec(), hashes(3));
+        assert_eq!(LeaseHashes::packed_prefix(&keys, 0).to_vec(), vec![]);
+        assert_eq!(LeaseHashes::from(hashes(2)).to_vec(), hashes(2));
     }
 
     fn lease(t: &mut LeaseTable, instance: &str, ranks: u32, expires_ms: u64) -> u64 {

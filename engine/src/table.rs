@@ -190,11 +190,11 @@ impl<V> SliceTable<V> {
     ///
     /// A batch shares one namespace, which is hashed once for the whole batch, and no key is
     /// built: each position's hash words are read where the caller keeps them.
-    pub fn get_prefix_mut<'h>(
+    pub fn get_prefix_mut(
         &mut self,
         ns: NamespaceId,
         count: usize,
-        key_at: impl Fn(usize) -> (&'h BlockHash, u16),
+        key_at: impl Fn(usize) -> (BlockHash, u16),
         mut each: impl FnMut(usize, ItemId, &mut V) -> bool,
     ) -> usize {
         // Borrowed apart, so that `each` changing an item cannot (to the compiler) change the
@@ -206,7 +206,7 @@ impl<V> SliceTable<V> {
         let items = &mut self.items;
         let hash_at = |i: usize| {
             let (hash, rank) = key_at(i);
-            hasher.hash(hash, rank)
+            hasher.hash(&hash, rank)
         };
         // Hashes of the keys ahead, by `i % PREFETCH_DISTANCE`.
         let mut ahead = [0u64; PREFETCH_DISTANCE];
@@ -234,7 +234,7 @@ impl<V> SliceTable<V> {
                 let b = buckets[j];
                 if b.hash == hash {
                     if let Some(Some((k, v))) = items.get_mut(b.item as usize) {
-                        if k.block.hash == *block && k.rank == rank && k.block.ns == ns {
+                        if k.block.hash == block && k.rank == rank && k.block.ns == ns {
                             break (b.item, v);
                         }
                     }
@@ -517,7 +517,7 @@ mod tests {
         let ids: HashMap<SliceKey, ItemId> = t.iter().map(|(k, _)| (*k, t.id(k).unwrap())).collect();
         let mut seen = Vec::new();
         let ns = keys[0].block.ns;
-        let at = |i: usize| (&keys[i].block.hash, keys[i].rank);
+        let at = |i: usize| (keys[i].block.hash, keys[i].rank);
         let n = t.get_prefix_mut(ns, keys.len(), at, |i, id, v| {
             assert_eq!(id, ids[&keys[i]]);
             *v += 1;
@@ -531,7 +531,7 @@ mod tests {
         assert_eq!(t.get_prefix_mut(ns, 0, |_| unreachable!(), |_, _, _| panic!("no keys, no calls")), 0);
         let other = slice(2, 10, 0).block.ns;
         assert_eq!(t.get_prefix_mut(other, 1, at, |_, _, _| panic!("another namespace")), 0, "namespace compared");
-        let rank1 = |_: usize| (&keys[10].block.hash, 1);
+        let rank1 = |_: usize| (keys[10].block.hash, 1);
         assert_eq!(t.get_prefix_mut(ns, 1, rank1, |_, _, _| panic!("another rank")), 0, "rank compared");
     }
 

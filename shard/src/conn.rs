@@ -17,7 +17,7 @@ use futures_lite::io::{ReadHalf, WriteHalf};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::UnixStream;
-use kvloft_engine::key::BlockHash;
+use kvloft_engine::key::{BlockHash, PackedKeys};
 use kvloft_engine::limits::DEFAULT_LEASE_TTL_MS;
 use kvloft_engine::namespace::NamespaceId;
 use kvloft_engine::protocol::{
@@ -649,27 +649,29 @@ impl Connection {
 
     async fn lookup(&self, request: protocol::Lookup) -> Result<Reply, Failure> {
         let instance = self.instance()?;
-        let hashes = match &request.packed {
-            None => block_hashes(request.hashes)?,
+        match &request.packed {
+            None => self.lookup_keys(instance, store::LookupKeys::List(block_hashes(request.hashes)?)).await,
             Some(_) if !request.hashes.is_empty() => {
-                return Err(Failure(ErrorCode::BadRequest, "send hashes either as a list or packed, not both".into()))
+                Err(Failure(ErrorCode::BadRequest, "send hashes either as a list or packed, not both".into()))
             }
-            Some(packed) => packed_block_hashes(packed.hashes())?,
-        };
-        self.lookup_hashes(instance, hashes).await
+            Some(packed) => {
+                let keys = packed_keys(packed.hashes(), &packed.bytes, packed.hash_bytes as usize)?;
+                self.lookup_keys(instance, store::LookupKeys::Packed(keys)).await
+            }
+        }
     }
 
     /// A packed lookup read in place from its frame ([`protocol::PackedLookupView`]): the same
     /// as [`Connection::lookup`] without first copying the hashes into an owned request.
     async fn lookup_packed(&self, view: protocol::PackedLookupView<'_>) -> Result<Reply, Failure> {
         let instance = self.instance()?;
-        let hashes = packed_block_hashes(view.hashes())?;
-        self.lookup_hashes(instance, hashes).await
+        let keys = packed_keys(view.hashes(), view.bytes, view.hash_bytes as usize)?;
+        self.lookup_keys(instance, store::LookupKeys::Packed(keys)).await
     }
 
-    async fn lookup_hashes(&self, instance: Instance, hashes: Vec<BlockHash>) -> Result<Reply, Failure> {
+    async fn lookup_keys(&self, instance: Instance, keys: store::LookupKeys<'_>) -> Result<Reply, Failure> {
         let store::LookupAnswer { hits, lease, pending } =
-            store::lookup(&self.ctx, &instance.name, instance.ns, instance.ranks, hashes, DEFAULT_LEASE_TTL_MS).await?;
+            store::lookup(&self.ctx, &instance.name, instance.ns, instance.ranks, keys, DEFAULT_LEASE_TTL_MS).await?;
         // Taken by `answer` once the reply is written; nothing awaits before that.
         *self.pending_pins.borrow_mut() = pending;
         if lease != 0 {
@@ -959,25 +961,17 @@ fn send_fd(fd: RawFd, frame: &[u8], pass: RawFd) -> std::io::Result<usize> {
     }
 }
 
-/// The block hashes of a packed lookup's `chunks` (or why they are not), bounded by
-/// [`MAX_BATCH_BLOCKS`].
-fn packed_block_hashes(chunks: Result<std::slice::ChunksExact<'_, u8>, String>) -> Result<Vec<BlockHash>, Failure> {
-    let chunks = chunks.map_err(|e| Failure(ErrorCode::BadRequest, e))?;
+/// A packed lookup's hashes, read where the frame holds them: `checked` is the wire type's own
+/// check of `bytes` and `hash_bytes` (whose errors name the problem), and their count is bounded
+/// by [`MAX_BATCH_BLOCKS`].
+fn packed_keys<'a>(
+    checked: Result<std::slice::ChunksExact<'a, u8>, String>,
+    bytes: &'a [u8],
+    hash_bytes: usize,
+) -> Result<PackedKeys<'a>, Failure> {
+    let chunks = checked.map_err(|e| Failure(ErrorCode::BadRequest, e))?;
     if chunks.len() > MAX_BATCH_BLOCKS {
         return Err(too_many(chunks.len()));
     }
-    let mut hashes = Vec::with_capacity(chunks.len());
-    if chunks.clone().next().is_some_and(|h| h.len() == MAX_HASH_BYTES) {
-        // The usual 32-byte hashes: every length is right, nothing can fail.
-        hashes.extend(chunks.map(|h| {
-            let mut full = [0u8; MAX_HASH_BYTES];
-            full.copy_from_slice(h);
-            BlockHash::from(full)
-        }));
-    } else {
-        for (i, h) in chunks.enumerate() {
-            hashes.push(block_hash(i, h)?);
-        }
-    }
-    Ok(hashes)
+    PackedKeys::new(bytes, hash_bytes).map_err(|e| Failure(ErrorCode::BadRequest, e.to_string()))
 }

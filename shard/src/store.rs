@@ -13,8 +13,8 @@ use crate::gpu_path::Followup;
 use crate::route::ShardId;
 use crate::shard::{MeshMsg, ShardCtx};
 use kvloft_engine::index::{FoundPrefix, Reserved};
-use kvloft_engine::key::{BlockHash, BlockKey, SliceKey};
-use kvloft_engine::lease::{lease_home, Lease, LeaseError};
+use kvloft_engine::key::{BlockHash, BlockKey, PackedKeys, SliceKey};
+use kvloft_engine::lease::{lease_home, Lease, LeaseError, LeaseHashes};
 use kvloft_engine::namespace::NamespaceId;
 use kvloft_engine::protocol::ErrorCode;
 use kvloft_gpu::host::HostMemory;
@@ -30,6 +30,32 @@ pub(crate) struct StoreError(pub ErrorCode, pub String);
 #[derive(Debug, Default)]
 pub(crate) struct Probed {
     pub found: Vec<(u32, u16)>,
+}
+
+/// A lookup's hashes, as the request carried them.
+#[derive(Debug)]
+pub(crate) enum LookupKeys<'a> {
+    /// A list (each hash already a key).
+    List(Vec<BlockHash>),
+    /// Packed in the request's frame: a one-shard lookup probes them where they lie, and its
+    /// lease keeps one copy of their bytes (decision 49).
+    Packed(PackedKeys<'a>),
+}
+
+impl LookupKeys<'_> {
+    fn len(&self) -> usize {
+        match self {
+            LookupKeys::List(list) => list.len(),
+            LookupKeys::Packed(keys) => keys.len(),
+        }
+    }
+
+    fn into_list(self) -> Vec<BlockHash> {
+        match self {
+            LookupKeys::List(list) => list,
+            LookupKeys::Packed(keys) => keys.iter().collect(),
+        }
+    }
 }
 
 /// A lookup's answer: `hits` leading hits under `lease` (0 and 0 for none).
@@ -152,7 +178,7 @@ impl ShardCtx {
             OwnerOp::Probe { lease, expires_ms, ns, keys, reply } => {
                 // Answer first, pin after: this handler is synchronous, so nothing can evict in
                 // between, and the lookup's shard hears back without waiting for the pin records.
-                let found = self.find_prefix(lease, ns, keys.len(), |i| (&keys[i].1, keys[i].2));
+                let found = self.find_prefix(lease, ns, keys.len(), |i| (keys[i].1, keys[i].2));
                 let out = Probed { found: keys[..found.len()].iter().map(|k| (k.0, k.2)).collect() };
                 let _ = reply.try_send(out);
                 self.pin_found(PendingPins { lease, expires_ms, found });
@@ -182,13 +208,13 @@ impl ShardCtx {
     /// Pins the sealed slices of `ns` named by `key_at(0..count)` (block hash, rank) under `lease`, in order, up to the first it
     /// cannot pin (the rest cannot be in the lookup's leading hits), calls `found(i)` for each one
     /// pinned, and counts hits and misses (the slices not pinned); returns how many it pinned.
-    fn probe<'h>(
+    fn probe(
         &self,
         lease: u64,
         expires_ms: u64,
         ns: NamespaceId,
         count: usize,
-        key_at: impl Fn(usize) -> (&'h BlockHash, u16),
+        key_at: impl Fn(usize) -> (BlockHash, u16),
         mut found: impl FnMut(usize),
     ) -> usize {
         let hits = self.index.borrow_mut().pin_many(lease, expires_ms, ns, count, key_at, |i, _| found(i));
@@ -199,12 +225,12 @@ impl ShardCtx {
 
     /// Finds, without pinning, the leading sealed slices of `ns` named by `key_at(0..count)` for
     /// `lease` (see [`kvloft_engine::index::ShardIndex::find_prefix`]) and counts hits and misses.
-    fn find_prefix<'h>(
+    fn find_prefix(
         &self,
         lease: u64,
         ns: NamespaceId,
         count: usize,
-        key_at: impl Fn(usize) -> (&'h BlockHash, u16),
+        key_at: impl Fn(usize) -> (BlockHash, u16),
     ) -> FoundPrefix {
         let found = self.index.borrow_mut().find_prefix(lease, ns, count, key_at);
         self.counters.hits.set(self.counters.hits.get() + found.len() as u64);
@@ -352,7 +378,7 @@ impl ShardCtx {
                         format!("{blocks} block ids for a lease of {hits} hits; send at most one per hit"),
                     )),
                     _ => match leases.begin_load(id, &instance, rank, now) {
-                        Ok(lease) => Ok((lease.ns, lease.hashes.clone())),
+                        Ok(lease) => Ok((lease.ns, lease.hashes.to_vec())),
                         Err(e) => Err(lease_error(e)),
                     },
                 };
@@ -544,13 +570,33 @@ pub(crate) async fn lookup(
     instance: &str,
     ns: NamespaceId,
     ranks: u32,
-    hashes: Vec<BlockHash>,
+    keys: LookupKeys<'_>,
     ttl_ms: u64,
 ) -> Result<LookupAnswer, StoreError> {
     let lease = ctx.leases.borrow_mut().next_id();
     let expires_ms = ctx.now_ms() + ttl_ms;
-    let n = hashes.len();
+    let n = keys.len();
     let single = ctx.shard_count() == 1;
+    if single && ranks.max(1) == 1 {
+        // The common case: the search stops at the first miss, so what it found is the leading
+        // hits, and no per-position tally is needed. The pins are taken after the answer leaves.
+        let (found, hashes) = match keys {
+            LookupKeys::Packed(packed) => {
+                let found = ctx.find_prefix(lease, ns, n, |i| (packed.get(i), 0));
+                let hits = found.len();
+                (found, LeaseHashes::packed_prefix(&packed, hits))
+            }
+            LookupKeys::List(mut list) => {
+                let found = ctx.find_prefix(lease, ns, n, |i| (list[i], 0));
+                list.truncate(found.len());
+                (found, LeaseHashes::List(list))
+            }
+        };
+        let (hits, lease) = finish_lookup(ctx, instance, ns, ranks, hashes, expires_ms, lease, vec![ctx.id]);
+        let pending = (hits > 0).then_some(PendingPins { lease, expires_ms, found });
+        return Ok(LookupAnswer { hits, lease, pending });
+    }
+    let hashes = keys.into_list();
     let owners: Vec<ShardId> =
         if single { Vec::new() } else { hashes.iter().map(|&hash| ctx.block_owner(&BlockKey { ns, hash })).collect() };
 
@@ -568,18 +614,9 @@ pub(crate) async fn lookup(
     // This shard's own share, pinned in place: every position when it is the only shard, else
     // the positions it owns; `ranks` slices per position.
     let per = ranks.max(1) as usize;
-    if single && per == 1 {
-        // The common case: the search stops at the first miss, so what it found is the leading
-        // hits, and no per-position tally is needed. The pins are taken after the answer leaves.
-        let found = ctx.find_prefix(lease, ns, n, |i| (&hashes[i], 0));
-        let (hits, lease) =
-            finish_lookup(ctx, instance, ns, ranks, hashes, expires_ms, lease, found.len(), vec![ctx.id]);
-        let pending = (hits > 0).then_some(PendingPins { lease, expires_ms, found });
-        return Ok(LookupAnswer { hits, lease, pending });
-    }
     let mut found = vec![0u32; n];
     if single {
-        ctx.probe(lease, expires_ms, ns, n * per, |i| (&hashes[i / per], (i % per) as u16), |i| found[i / per] += 1);
+        ctx.probe(lease, expires_ms, ns, n * per, |i| (hashes[i / per], (i % per) as u16), |i| found[i / per] += 1);
     } else if per == 1 {
         let mine: Vec<u32> = (0..n as u32).filter(|&pos| owners[pos as usize] == ctx.id).collect();
         ctx.probe(
@@ -587,7 +624,7 @@ pub(crate) async fn lookup(
             expires_ms,
             ns,
             mine.len(),
-            |i| (&hashes[mine[i] as usize], 0),
+            |i| (hashes[mine[i] as usize], 0),
             |i| found[mine[i] as usize] += 1,
         );
     } else {
@@ -597,7 +634,7 @@ pub(crate) async fn lookup(
             expires_ms,
             ns,
             mine.len() * per,
-            |i| (&hashes[mine[i / per] as usize], (i % per) as u16),
+            |i| (hashes[mine[i / per] as usize], (i % per) as u16),
             |i| found[mine[i / per] as usize] += 1,
         );
     }
@@ -634,11 +671,14 @@ pub(crate) async fn lookup(
             }
         }
     }
-    let (hits, lease) = finish_lookup(ctx, instance, ns, ranks, hashes, expires_ms, lease, hits, kept_owners);
+    let mut hashes = hashes;
+    hashes.truncate(hits);
+    let (hits, lease) =
+        finish_lookup(ctx, instance, ns, ranks, LeaseHashes::List(hashes), expires_ms, lease, kept_owners);
     Ok(LookupAnswer { hits, lease, pending: None })
 }
 
-/// Records the lease of a lookup whose first `hits` hashes are pinned (by `owners`, and only
+/// Records the lease of a lookup whose leading hits are `hashes` (pinned by `owners`, and only
 /// those), and returns the lookup's answer. A full lease table serves the lookup as a miss: a
 /// lease nobody could load would only hold pins until expiry.
 #[allow(clippy::too_many_arguments)]
@@ -647,16 +687,15 @@ fn finish_lookup(
     instance: &str,
     ns: NamespaceId,
     ranks: u32,
-    mut hashes: Vec<BlockHash>,
+    hashes: LeaseHashes,
     expires_ms: u64,
     lease: u64,
-    hits: usize,
     owners: Vec<ShardId>,
 ) -> (u32, u64) {
+    let hits = hashes.len();
     if hits == 0 {
         return (0, 0);
     }
-    hashes.truncate(hits);
     let record = Lease::new(lease, instance.to_string(), ns, hashes, ranks, expires_ms);
     // The lease's home is this shard (its id says so).
     let refused = ctx.leases.borrow_mut().insert(record).is_err();
