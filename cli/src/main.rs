@@ -8,6 +8,13 @@ mod stats;
 mod topology;
 
 use clap::{Parser, Subcommand};
+
+/// mimalloc instead of glibc's allocator: shards hand vectors to each other in messages, and
+/// glibc frees a block into the arena of the thread that allocated it, under that arena's lock.
+/// With 8 shards, a third of the server's CPU went to those locks and their futex waits
+/// (decision 50).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
