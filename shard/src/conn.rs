@@ -230,18 +230,14 @@ impl Connection {
     ///
     /// A request usually follows its connection's previous reply within microseconds; noticing it
     /// through the reactor's readiness poll costs a completion round through the kernel (about
-    /// 8 us per request on the H100 box), which this avoids while the connection is busy. Only a
-    /// single-shard server keeps trying: with several shards a lookup's round trip is mostly mesh
-    /// hops, and the connection's polling raised the 8-shard p99 in our runs (decision 38).
+    /// 8 us per request on the H100 box), which this avoids while the connection is busy. Servers
+    /// of every shard count do it since the allocator stopped serialising shards (decision 51;
+    /// decision 38 had kept it to single-shard servers).
     ///
     /// A connection with a mailbox polls it too, and says so in the mailbox while it does: a
     /// client that posts a request meanwhile need not ring (decision 47).
     async fn spin_read(&self, fd: RawFd, buf: &mut [u8]) -> Polled {
-        let spin = if self.ctx.shard_count() == 1 {
-            Duration::from_micros(self.ctx.shared.topology.server.spin_us)
-        } else {
-            Duration::ZERO
-        };
+        let spin = Duration::from_micros(self.ctx.shared.topology.server.spin_us);
         let mailbox = self.mailbox.borrow().clone();
         if let Some(mb) = mailbox.as_ref().filter(|_| !spin.is_zero()) {
             mb.set_polling(true);

@@ -8,8 +8,8 @@
 //! sequence number to the request's. Neither side makes a system call, and the request's bytes
 //! are copied once on each side instead of through the kernel.
 //!
-//! The server polls only for a while after its last work (`[server] spin-us`, single-shard
-//! servers). It publishes whether it polls in [`SERVER_POLLING`]; a client that posts a request
+//! The server polls only for a while after a connection's last reply (`[server] spin-us`). It
+//! publishes whether it polls in [`SERVER_POLLING`]; a client that posts a request
 //! while the server does not poll sends `ring` on the socket, and the server serves the mailbox
 //! before it answers the ring. Both sides store, then fence (`SeqCst`), then load the other's
 //! word, so at least one of them sees the other: no request is left unseen.

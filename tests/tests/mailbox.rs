@@ -115,13 +115,15 @@ fn lookups_match_the_socket(toml: &str) {
 fn mailbox_lookups_match_the_socket_on_a_polling_shard() {
     // One shard polls its connections' mailboxes after each reply ([server] spin-us 100).
     lookups_match_the_socket("[server]\nspin-us = 100\n[[shard]]\ncore = 0\n");
+    // Servers of several shards poll too (decision 51).
+    lookups_match_the_socket("[server]\nspin-us = 100\n[[shard]]\ncore = 0\n[[shard]]\ncore = 1\n");
 }
 
 #[test]
 fn mailbox_lookups_match_the_socket_when_the_server_must_be_rung() {
     // Without polling every request is rung for over the socket.
     lookups_match_the_socket("[server]\nspin-us = 0\n[[shard]]\ncore = 0\n");
-    lookups_match_the_socket("[[shard]]\ncore = 0\n[[shard]]\ncore = 1\n");
+    lookups_match_the_socket("[server]\nspin-us = 0\n[[shard]]\ncore = 0\n[[shard]]\ncore = 1\n");
 }
 
 fn error_of(frame: &protocol::Frame) -> ErrorReply {
