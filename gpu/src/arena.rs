@@ -5,6 +5,12 @@
 //!
 //! 1. `mmap`, with 2 MiB hugepages when asked and the kernel has enough reserved, otherwise with
 //!    ordinary pages (the reason is kept in [`Arena::notes`]). The size is rounded up to the page.
+//!    The mapping sits inside a larger inaccessible reservation, so at least [`GUARD_BYTES`] of
+//!    address space that is no arena's lies on each side: two arenas are never adjacent. Copies
+//!    merge neighbouring ranges (`plan::merge`), and a range running from one shard's arena into
+//!    the next would span two GPU registrations, which the driver refuses
+//!    (`CUDA_ERROR_INVALID_VALUE`); with kernels placing mappings back to back, that happened
+//!    as soon as the allocator stopped leaving its own mappings between arenas (decision 50).
 //! 2. `mbind(MPOL_BIND)` to the requested NUMA node, on machines with more than one node. A
 //!    failure is a note, not an error: the arena still works, only placed by the default policy.
 //! 3. Pre-touch: every page is written once, by up to [`MAX_TOUCH_THREADS`] threads in parallel
@@ -18,6 +24,9 @@
 use std::io;
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};
+
+/// Inaccessible address space kept on each side of an arena (see the module doc).
+pub const GUARD_BYTES: usize = 2 << 20;
 
 /// Bytes of one hugepage this module asks for (`MAP_HUGE_2MB`).
 pub const HUGE_PAGE_BYTES: u64 = 2 << 20;
@@ -77,6 +86,8 @@ pub enum ArenaError {
 pub struct Arena {
     ptr: NonNull<u8>,
     len: usize,
+    /// The reservation holding the mapping and its guards: what `Drop` unmaps.
+    reserved: (usize, usize),
     page_bytes: usize,
     hugepages: bool,
     node: Option<u32>,
@@ -132,25 +143,27 @@ impl Arena {
             // from that node, and a shortfall there would be a SIGBUS at first touch. Check first.
             let node_short = bind_node.is_some() && free.is_none_or(|f| f < need);
             if !node_short {
-                mapped = map(len, true).ok().map(|ptr| (ptr, len, HUGE_PAGE_BYTES as usize));
+                mapped = map(len, true).ok().map(|(ptr, reserved)| (ptr, reserved, len, HUGE_PAGE_BYTES as usize));
             }
             if mapped.is_none() {
                 notes.push(hugepage_note(free, need, bind_node));
             }
         }
-        let (ptr, len, page_bytes) = match mapped {
+        let (ptr, reserved, len, page_bytes) = match mapped {
             Some(m) => m,
             None => {
                 let page = small_page_bytes();
                 let len = round_up(bytes, page as u64)?;
-                let ptr = map(len, false).map_err(|source| ArenaError::Map { bytes: len as u64, source })?;
-                (ptr, len, page)
+                let (ptr, reserved) =
+                    map(len, false).map_err(|source| ArenaError::Map { bytes: len as u64, source })?;
+                (ptr, reserved, len, page)
             }
         };
         // From here on, `Drop` unmaps on every error path.
         let mut arena = Arena {
             ptr,
             len,
+            reserved,
             page_bytes,
             hugepages: page_bytes == HUGE_PAGE_BYTES as usize,
             node: None,
@@ -313,13 +326,14 @@ impl Arena {
 
 impl Drop for Arena {
     fn drop(&mut self) {
-        // SAFETY: `ptr..ptr + len` is the mapping this arena made and owns; no reference into it
-        // outlives `self`, and raw users must not use `as_ptr` after the arena is dropped.
+        // SAFETY: `ptr..ptr + len` is the mapping this arena made and owns, inside the reservation
+        // `reserved` that it also owns; no reference into them outlives `self`, and raw users must
+        // not use `as_ptr` after the arena is dropped.
         unsafe {
             if self.locked {
                 libc::munlock(self.ptr.as_ptr().cast(), self.len);
             }
-            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+            libc::munmap(self.reserved.0 as *mut libc::c_void, self.reserved.1);
         }
     }
 }
@@ -356,17 +370,42 @@ fn pin_to(cpus: &[usize]) {
     unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
 }
 
-fn map(len: usize, hugepages: bool) -> io::Result<NonNull<u8>> {
-    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+/// Maps `len` bytes inside a reservation with at least [`GUARD_BYTES`] of inaccessible address
+/// space on each side, 2 MiB aligned (as hugepages need). Returns the mapping and the reservation
+/// (base, length), which the caller unmaps as a whole.
+fn map(len: usize, hugepages: bool) -> io::Result<(NonNull<u8>, (usize, usize))> {
+    let align = HUGE_PAGE_BYTES as usize;
+    let total = len
+        .checked_add(2 * GUARD_BYTES + align)
+        .ok_or_else(|| io::Error::other("the arena's reservation overflows the address space"))?;
+    let none = libc::PROT_NONE;
+    let reserve_flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    // SAFETY: an inaccessible anonymous reservation at an address of the kernel's choosing touches
+    // no existing memory.
+    let base = unsafe { libc::mmap(std::ptr::null_mut(), total, none, reserve_flags, -1, 0) };
+    if base == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let base = base as usize;
+    let start = (base + GUARD_BYTES).next_multiple_of(align);
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
     if hugepages {
         flags |= libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
     }
-    // SAFETY: an anonymous mapping at an address of the kernel's choosing touches no existing memory.
-    let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+    // SAFETY: `start..start + len` lies inside the reservation just made, which nothing else uses
+    // (start + len <= base + GUARD + align + len, which leaves GUARD_BYTES before its end), so
+    // MAP_FIXED replaces only our own inaccessible pages.
+    let ptr = unsafe { libc::mmap(start as *mut libc::c_void, len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
     if ptr == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
+        let e = io::Error::last_os_error();
+        // SAFETY: the reservation is ours and nothing points into it.
+        unsafe { libc::munmap(base as *mut libc::c_void, total) };
+        return Err(e);
     }
-    NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap returned a null mapping"))
+    match NonNull::new(ptr.cast()) {
+        Some(p) => Ok((p, (base, total))),
+        None => Err(io::Error::other("mmap returned a null mapping")),
+    }
 }
 
 fn small_page_bytes() -> usize {

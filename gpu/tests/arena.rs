@@ -167,3 +167,25 @@ fn arena_moves_between_threads() {
     .unwrap();
     assert_eq!(arena.len(), arena.page_bytes());
 }
+
+/// Arenas made one after another are never neighbours in the address space, whatever the kernel's
+/// placement: a copy that merged ranges across two of them would span two GPU registrations.
+#[test]
+fn arenas_are_never_adjacent() {
+    use kvloft_gpu::arena::GUARD_BYTES;
+    let arenas: Vec<Arena> = (0..4).map(|_| Arena::new(4 << 20, None, false).unwrap()).collect();
+    for (i, a) in arenas.iter().enumerate() {
+        let (a0, a1) = (a.as_ptr() as usize, a.as_ptr() as usize + a.len() as usize);
+        for b in &arenas[i + 1..] {
+            let (b0, b1) = (b.as_ptr() as usize, b.as_ptr() as usize + b.len() as usize);
+            let gap = if a1 <= b0 { b0 - a1 } else { a0 - b1 };
+            assert!(gap >= 2 * GUARD_BYTES, "arenas {a0:#x}..{a1:#x} and {b0:#x}..{b1:#x} are {gap} bytes apart");
+        }
+    }
+    // The mapping itself is whole and writable.
+    let mut a = Arena::new(10_000, None, false).unwrap();
+    a.write(a.len() - 4, &[1, 2, 3, 4]).unwrap();
+    let mut back = [0u8; 4];
+    a.read(a.len() - 4, &mut back).unwrap();
+    assert_eq!(back, [1, 2, 3, 4]);
+}

@@ -734,8 +734,11 @@ impl Connection {
             let (s, followup) = store::save(&conn.ctx, mem, instance.ns, rank, items, after).await;
             let done =
                 Event::SaveDone(SaveDone { saved: s.saved, present: s.present, failed: s.failed, error: s.error });
-            conn.send(FrameKind::Event, request_id, &protocol::to_body(&done)).await;
+            // The owners' seals go first: each is queued on its owner's mesh channel ahead of
+            // anything this connection sends after `save_done` (such as a lookup's probes), so
+            // the client finds what it just saved.
             followup.send(&conn.ctx).await;
+            conn.send(FrameKind::Event, request_id, &protocol::to_body(&done)).await;
         })
         .detach();
         Ok(Reply::Save(Queued { blocks: count }))

@@ -493,7 +493,7 @@ impl Followup {
 
 /// Saves this rank's slices of `blocks` from GPU memory: every owner reserves its share's slots,
 /// then one copy moves them all (decision 45). Returns the outcome and the owners' seal (or
-/// abort) messages, for the caller to send once the client has its answer.
+/// abort) messages, for the caller to send before the client's `save_done` (decision 51).
 pub(crate) async fn save(
     ctx: &Rc<ShardCtx>,
     mem: Arc<CudaMemory>,

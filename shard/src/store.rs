@@ -754,7 +754,8 @@ impl EngineMemory {
 }
 
 /// Saves this rank's slices of `blocks` through their owners. The returned [`Followup`] (on GPUs,
-/// the owners' seals) is for the caller to send right after the client's completion event.
+/// the owners' seals) is for the caller to send right before the client's completion event, so
+/// that the client's next lookup finds the blocks (decision 51).
 pub(crate) async fn save(
     ctx: &Rc<ShardCtx>,
     mem: EngineMemory,
