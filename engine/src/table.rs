@@ -41,6 +41,11 @@ const PREFETCH_DISTANCE: usize = 16;
 /// Keys whose items are requested this many keys before their turn (their buckets, requested
 /// [`PREFETCH_DISTANCE`] keys before, have arrived by then and say where the item is).
 const ITEM_PREFETCH_DISTANCE: usize = 8;
+/// Equal strides in a row between the items of consecutive keys after which
+/// [`SliceTable::get_prefix_mut`] looks for the next key one stride on before hashing it.
+const RUN_AFTER: usize = 2;
+/// Items requested this many strides ahead along a run.
+const RUN_PREFETCH_DISTANCE: i64 = 16;
 
 /// A stored key's item: valid from the insert that returned it until the key is removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -190,6 +195,14 @@ impl<V> SliceTable<V> {
     ///
     /// A batch shares one namespace, which is hashed once for the whole batch, and no key is
     /// built: each position's hash words are read where the caller keeps them.
+    ///
+    /// *Runs of ids.* Keys stored together usually hold items in arithmetic progression: a save
+    /// inserts a prefix's keys in order, and ids come from the end of the item array (step 1),
+    /// from the free list (often the reverse order of eviction) or interleaved with another
+    /// writer's (a constant stride). Once [`RUN_AFTER`] steps between the items found had the
+    /// same stride, each next key is first compared with the item one stride on, without hashing
+    /// it or reading its bucket; the first key not there is probed as usual. A key is stored at
+    /// most once, so an item holding it is its item whichever way it was found.
     pub fn get_prefix_mut(
         &mut self,
         ns: NamespaceId,
@@ -208,43 +221,83 @@ impl<V> SliceTable<V> {
             let (hash, rank) = key_at(i);
             hasher.hash(&hash, rank)
         };
-        // Hashes of the keys ahead, by `i % PREFETCH_DISTANCE`.
-        let mut ahead = [0u64; PREFETCH_DISTANCE];
-        for (i, hash) in ahead.iter_mut().enumerate().take(count) {
-            *hash = hash_at(i);
-            prefetch_read((&buckets[*hash as usize & mask] as *const Bucket).cast());
-        }
-        for i in 0..count {
-            let hash = ahead[i % PREFETCH_DISTANCE];
-            if i + PREFETCH_DISTANCE < count {
-                let h = hash_at(i + PREFETCH_DISTANCE);
-                ahead[i % PREFETCH_DISTANCE] = h;
-                prefetch_read((&buckets[h as usize & mask] as *const Bucket).cast());
-            }
-            if i + ITEM_PREFETCH_DISTANCE < count {
-                let h = ahead[(i + ITEM_PREFETCH_DISTANCE) % PREFETCH_DISTANCE];
-                let b = buckets[h as usize & mask];
-                if b.hash == h {
-                    prefetch_item(items, b.item);
-                }
-            }
-            let (block, rank) = key_at(i);
-            let mut j = hash as usize & mask;
-            let (id, v) = loop {
-                let b = buckets[j];
-                if b.hash == hash {
-                    if let Some(Some((k, v))) = items.get_mut(b.item as usize) {
-                        if k.block.hash == block && k.rank == rank && k.block.ns == ns {
-                            break (b.item, v);
+        let holds = |item: &Option<(SliceKey, V)>, block: &BlockHash, rank: u16| {
+            item.as_ref().is_some_and(|(k, _)| k.block.hash == *block && k.rank == rank && k.block.ns == ns)
+        };
+        // The last item found, the stride from the one before it, and how many strides in a row
+        // were equal.
+        let (mut last, mut stride, mut agreed) = (0i64, 0i64, 0usize);
+        let mut i = 0;
+        while i < count {
+            if agreed >= RUN_AFTER {
+                let guess = last + stride;
+                let (block, rank) = key_at(i);
+                if let Some(item) = usize::try_from(guess).ok().and_then(|g| items.get_mut(g)) {
+                    if holds(item, &block, rank) {
+                        if let Some((_, v)) = item.as_mut() {
+                            if !each(i, ItemId(guess as u32), v) {
+                                return i;
+                            }
                         }
+                        if let Ok(ahead) = u32::try_from(guess + RUN_PREFETCH_DISTANCE * stride) {
+                            prefetch_item(items, ahead);
+                        }
+                        last = guess;
+                        i += 1;
+                        continue;
                     }
-                } else if b.hash == 0 {
+                }
+                // Not one stride on: probe from here.
+                agreed = 0;
+            }
+            // Probe keys from `from` on, hashes and buckets requested ahead, until a run starts.
+            let from = i;
+            // Hashes of the keys ahead, by `i % PREFETCH_DISTANCE`.
+            let mut ahead = [0u64; PREFETCH_DISTANCE];
+            for k in from..count.min(from + PREFETCH_DISTANCE) {
+                let hash = hash_at(k);
+                ahead[k % PREFETCH_DISTANCE] = hash;
+                prefetch_read((&buckets[hash as usize & mask] as *const Bucket).cast());
+            }
+            while i < count {
+                let hash = ahead[i % PREFETCH_DISTANCE];
+                if i + PREFETCH_DISTANCE < count {
+                    let h = hash_at(i + PREFETCH_DISTANCE);
+                    ahead[i % PREFETCH_DISTANCE] = h;
+                    prefetch_read((&buckets[h as usize & mask] as *const Bucket).cast());
+                }
+                if i + ITEM_PREFETCH_DISTANCE < count {
+                    let h = ahead[(i + ITEM_PREFETCH_DISTANCE) % PREFETCH_DISTANCE];
+                    let b = buckets[h as usize & mask];
+                    if b.hash == h {
+                        prefetch_item(items, b.item);
+                    }
+                }
+                let (block, rank) = key_at(i);
+                let mut j = hash as usize & mask;
+                let (id, v) = loop {
+                    let b = buckets[j];
+                    if b.hash == hash {
+                        if let Some(Some((k, v))) = items.get_mut(b.item as usize) {
+                            if k.block.hash == block && k.rank == rank && k.block.ns == ns {
+                                break (b.item, v);
+                            }
+                        }
+                    } else if b.hash == 0 {
+                        return i;
+                    }
+                    j = (j + 1) & mask;
+                };
+                if !each(i, ItemId(id), v) {
                     return i;
                 }
-                j = (j + 1) & mask;
-            };
-            if !each(i, ItemId(id), v) {
-                return i;
+                let step = i64::from(id) - last;
+                (agreed, stride) = if i > 0 && step == stride { (agreed + 1, stride) } else { (0, step) };
+                last = i64::from(id);
+                i += 1;
+                if agreed >= RUN_AFTER {
+                    break;
+                }
             }
         }
         count
@@ -533,6 +586,68 @@ mod tests {
         assert_eq!(t.get_prefix_mut(other, 1, at, |_, _, _| panic!("another namespace")), 0, "namespace compared");
         let rank1 = |_: usize| (keys[10].block.hash, 1);
         assert_eq!(t.get_prefix_mut(ns, 1, rank1, |_, _, _| panic!("another rank")), 0, "rank compared");
+    }
+
+    /// Prefix lookups whose keys' items lie in runs (step 1, reversed, strided by an interleaved
+    /// writer) and out of them, with a key missing or refused mid-run, and a run that leads past
+    /// a free item or onto another key: every call gets the key's own id, and the count stops
+    /// where the model says.
+    #[test]
+    fn prefix_lookup_along_runs_of_ids() {
+        let mut rng = SplitMix64::new(23);
+        let mut t = SliceTable::new();
+        // Family 1 in order (ids 0..400), then families 2 and 3 interleaved (stride 2).
+        for h in 0..400 {
+            t.insert(slice(1, h, 0), ());
+        }
+        for h in 0..300 {
+            t.insert(slice(2, h, 0), ());
+            t.insert(slice(3, h, 1), ());
+        }
+        // Family 1's keys 100..200 leave in order and come back: free ids are reused last
+        // freed first, so those keys now run backwards.
+        for h in 100..200 {
+            t.remove(&slice(1, h, 0));
+        }
+        for h in 100..200 {
+            t.insert(slice(1, h, 0), ());
+        }
+        // Holes: key 1/250 gone (its id free), 2/150 gone and its id reused by a stranger.
+        t.remove(&slice(1, 250, 0));
+        t.remove(&slice(2, 150, 0));
+        t.insert(slice(9, 0, 0), ());
+        // The ids as `id` finds them (the lookups change nothing here).
+        let ids: HashMap<SliceKey, ItemId> = t.keys().map(|k| (*k, t.id(k).unwrap())).collect();
+        assert_eq!(ids[&slice(1, 101, 0)], ItemId(ids[&slice(1, 100, 0)].0 - 1), "a backward run");
+        for round in 0..2_000 {
+            let fam = 1 + (rng.next_u64() % 3) as u8;
+            let rank = u16::from(fam == 3);
+            let top = if fam == 1 { 400 } else { 300 };
+            let a = rng.next_u64() % top;
+            let b = a + rng.next_u64() % (top - a) + 1;
+            let mut keys: Vec<SliceKey> = (a..b).map(|h| slice(fam, h, rank)).collect();
+            if round % 5 == 0 {
+                // Out of order: no runs.
+                for k in (1..keys.len()).rev() {
+                    keys.swap(k, (rng.next_u64() % (k as u64 + 1)) as usize);
+                }
+            }
+            let refuse = if round % 7 == 0 { rng.next_u64() as usize % keys.len() } else { usize::MAX };
+            let expect = keys.iter().position(|k| !t.contains_key(k)).unwrap_or(keys.len()).min(refuse);
+            let ns = keys[0].block.ns;
+            let mut calls = 0;
+            let n = t.get_prefix_mut(
+                ns,
+                keys.len(),
+                |i| (keys[i].block.hash, keys[i].rank),
+                |i, id, _| {
+                    assert_eq!((i, Some(id)), (calls, ids.get(&keys[i]).copied()), "round {round}");
+                    calls += 1;
+                    i != refuse
+                },
+            );
+            assert_eq!(n, expect, "round {round}: {} keys from {a}", keys.len());
+        }
     }
 
     /// An item id keeps naming its key while other keys come and go and the buckets grow, and a
