@@ -637,15 +637,19 @@ fn server_cases(
     if saved.saved as usize != a.len() {
         return Err(GpuBenchError::Mismatch(format!("server save: {saved:?}")));
     }
-    for (buf, off, len, _) in b.iter().flat_map(|&blk| engine.runs(blk)) {
-        engine.buffers[buf].write(off as usize, &vec![0xA5; len as usize])?;
+    // Twice: a shard learns where the other shards' arenas sit on the GPU from the first load,
+    // and the second reads the slots its lookup recorded without asking their owners.
+    for _ in 0..2 {
+        for (buf, off, len, _) in b.iter().flat_map(|&blk| engine.runs(blk)) {
+            engine.buffers[buf].write(off as usize, &vec![0xA5; len as usize])?;
+        }
+        let hit = client.lookup(&h)?;
+        let loaded = client.load(hit.lease, &ids(b))?;
+        if loaded.error.is_some() || loaded.loaded as usize != b.len() {
+            return Err(GpuBenchError::Mismatch(format!("server load: {loaded:?}")));
+        }
+        engine.check_loaded(a, b)?;
     }
-    let hit = client.lookup(&h)?;
-    let loaded = client.load(hit.lease, &ids(b))?;
-    if loaded.error.is_some() || loaded.loaded as usize != b.len() {
-        return Err(GpuBenchError::Mismatch(format!("server load: {loaded:?}")));
-    }
-    engine.check_loaded(a, b)?;
     let mut out = Vec::new();
     for dir in ["d2h", "h2d"] {
         let mut times = Vec::new();

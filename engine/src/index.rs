@@ -406,6 +406,15 @@ impl ShardIndex {
         found
     }
 
+    /// The pool offsets of the slots `found` by [`ShardIndex::find_prefix`], in order; valid while
+    /// they stay found (see [`ShardIndex::pin_found`]) or pinned.
+    pub fn found_offsets(&self, found: &FoundPrefix) -> Vec<u64> {
+        if found.evictions != self.evictions {
+            return Vec::new();
+        }
+        found.ids.iter().map(|&id| self.entries.value(id).slot.offset).collect()
+    }
+
     /// Pins for `lease` (expiring at `expires_ms`, as [`ShardIndex::pin_many`]) the slices
     /// `found` by [`ShardIndex::find_prefix`]; returns how many it pinned. When a slice was evicted
     /// since they were found, an entry found may be gone, so nothing is pinned and 0 is returned:
@@ -961,14 +970,18 @@ mod tests {
         let found = ix.find_prefix(7, NS, 2, |i| (keys[i].block.hash, keys[i].rank));
         assert_eq!(found.len(), 2);
         assert_eq!(ix.pinned(), 0, "finding pins nothing");
+        let slots = [ix.slot(k(1)).unwrap().offset, ix.slot(k(2)).unwrap().offset];
+        assert_eq!(ix.found_offsets(&found), slots, "the slots found, in order");
         put(&mut ix, k(3));
         assert_eq!(ix.evictions(), 1);
+        assert!(ix.found_offsets(&found).is_empty(), "no offsets once an id found may be stale");
         assert_eq!(ix.pin_found(7, 100, found), 0, "an id found may name another entry now");
         assert_eq!((ix.pinned(), ix.leases()), (0, 0));
         ix.check();
         // Found and pinned with nothing in between: pinned.
         let keys = [k(3)];
         let found = ix.find_prefix(8, NS, 1, |i| (keys[i].block.hash, keys[i].rank));
+        assert_eq!(ix.found_offsets(&found), [ix.slot(k(3)).unwrap().offset]);
         assert_eq!(ix.pin_found(8, 100, found), 1);
         assert!(ix.pinned_slot(k(3), 8).is_some());
         ix.check();

@@ -108,6 +108,9 @@ pub struct Lease {
     pub ranks: u32,
     /// Time (server milliseconds) at which the lease ends unless consumed first.
     pub expires_ms: u64,
+    /// Pool offsets of the pinned slots, `ranks` per hit (hit-major), on each slice's owner
+    /// shard; empty when the lookup did not record them.
+    slots: Vec<u64>,
     loads: Vec<RankLoad>,
     loading: u32,
     loaded: u32,
@@ -126,7 +129,38 @@ impl Lease {
     ) -> Self {
         let hashes = hashes.into();
         let loads = vec![RankLoad::Pending; ranks.min(MAX_RANKS) as usize];
-        Self { id, instance, ns, hashes, ranks, expires_ms, loads, loading: 0, loaded: 0, expired: false }
+        Self {
+            id,
+            instance,
+            ns,
+            hashes,
+            ranks,
+            expires_ms,
+            slots: Vec::new(),
+            loads,
+            loading: 0,
+            loaded: 0,
+            expired: false,
+        }
+    }
+
+    /// The lease with the pool offsets of its pinned slots: `ranks` per hit, hit-major, each on
+    /// its slice's owner shard. Offsets of any other count are not kept.
+    pub fn with_slots(mut self, slots: Vec<u64>) -> Self {
+        if slots.len() == self.hashes.len() * self.ranks as usize {
+            self.slots = slots;
+        }
+        self
+    }
+
+    /// The pool offsets of rank `rank`'s slots of the first `blocks` hits, when the lookup
+    /// recorded them: a load can then read its slices without asking their owners where they are.
+    pub fn rank_slots(&self, rank: u32, blocks: usize) -> Option<Vec<u64>> {
+        let ranks = self.ranks as usize;
+        if self.slots.is_empty() || rank as usize >= ranks || blocks > self.hashes.len() {
+            return None;
+        }
+        Some(self.slots.iter().skip(rank as usize).step_by(ranks).take(blocks).copied().collect())
     }
 
     /// Where rank `rank` stands (`None` for a rank out of range).
@@ -381,6 +415,21 @@ mod tests {
         assert_eq!(kept.to_vec(), hashes(3));
         assert_eq!(LeaseHashes::packed_prefix(&keys, 0).to_vec(), vec![]);
         assert_eq!(LeaseHashes::from(hashes(2)).to_vec(), hashes(2));
+    }
+
+    #[test]
+    fn recorded_slots_are_read_per_rank() {
+        let ns = NamespaceId([1; 16]);
+        // 3 hits x 2 ranks, hit-major: hit h, rank r at offset 100 * h + r.
+        let slots = vec![0, 1, 100, 101, 200, 201];
+        let l = Lease::new(9, "a".into(), ns, hashes(3), 2, 50).with_slots(slots);
+        assert_eq!(l.rank_slots(0, 3), Some(vec![0, 100, 200]));
+        assert_eq!(l.rank_slots(1, 2), Some(vec![1, 101]), "a load of a prefix of the hits");
+        assert_eq!(l.rank_slots(2, 1), None, "rank out of range");
+        assert_eq!(l.rank_slots(0, 4), None, "more blocks than hits");
+        let short = Lease::new(9, "a".into(), ns, hashes(3), 2, 50).with_slots(vec![0, 1]);
+        assert_eq!(short.rank_slots(0, 1), None, "offsets of the wrong count are not kept");
+        assert_eq!(Lease::new(9, "a".into(), ns, hashes(3), 1, 50).rank_slots(0, 1), None, "none recorded");
     }
 
     fn lease(t: &mut LeaseTable, instance: &str, ranks: u32, expires_ms: u64) -> u64 {

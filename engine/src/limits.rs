@@ -16,6 +16,13 @@ pub const MAX_NAMESPACE_STR_BYTES: usize = 256;
 /// soon returned to eviction.
 pub const DEFAULT_LEASE_TTL_MS: u64 = 60_000;
 
+/// A lease's pins outlive the lease by this long on the shards that own its slices. A load may
+/// begin until the lease expires, and a GPU load's copy reads the pinned slots after it began,
+/// from another shard than theirs: the pins must not lapse under it. A load whose copy finishes
+/// later than this after the lease's expiry is failed (the engine recomputes), since its slots
+/// may have been reused.
+pub const PIN_GRACE_MS: u64 = 10_000;
+
 /// Most leases one shard tracks: leases recorded at their home shard ([`crate::lease::LeaseTable`])
 /// and leases holding pins on an owner shard ([`crate::index::ShardIndex`]). One lease per
 /// in-flight request; 16 Ki is far above any engine's concurrent batch.

@@ -10,6 +10,8 @@
 //!   `kvloft_gpu::plan`); owners then seal the slices, or abort them if the copy failed.
 //! - load: the lease's owners return the device addresses of the pinned slots; the copy runs;
 //!   owners drop the pins. A load is reported done only after its copy has completed on the GPU.
+//!   When the lookup recorded the slots' pool offsets in the lease and this shard knows where
+//!   each owner's arena sits on the GPU, the load asks no owner (decision 53).
 //!
 //! An owner registers its arena with a GPU the first time a request for that GPU reaches it.
 
@@ -49,15 +51,29 @@ pub(crate) struct GpuReserved {
     pub error: Option<String>,
 }
 
-/// An owner's answer to a GPU load: `(engine block, slot device address)` per slice, or why
-/// the lease's slices are gone.
-pub(crate) type Resolved = Result<Vec<(u32, u64)>, String>;
+/// An owner's answer to a GPU load: the device address of its arena's start, and `(engine
+/// block, slot device address)` per slice; or why the lease's slices are gone.
+pub(crate) type Resolved = Result<(u64, Vec<(u32, u64)>), String>;
+
+/// What a load knows of its lease's pins from the lease's home.
+#[derive(Debug)]
+pub(crate) struct LeasePins {
+    /// The pool offsets of the slices' slots on their owners, in the load's order, if the lookup
+    /// recorded them.
+    pub slots: Option<Vec<u64>>,
+    /// Until when (server milliseconds) the owners keep the pins: a copy that ends later may
+    /// have read slots already reused.
+    pub until_ms: u64,
+}
 
 /// A shard's GPU state: its arena's registrations and its copiers, per GPU (by UUID).
 #[derive(Default)]
 pub(crate) struct GpuState {
     regs: RefCell<HashMap<[u8; 16], HostRegistration>>,
     copiers: RefCell<HashMap<[u8; 16], Rc<CopySlot>>>,
+    /// Per owner shard and GPU, the device address of the owner's arena start, as the owner
+    /// answered it to a load: fixed for the server's life (an owner keeps its registration).
+    bases: RefCell<HashMap<(ShardId, [u8; 16]), u64>>,
 }
 
 impl std::fmt::Debug for GpuState {
@@ -135,12 +151,7 @@ impl ShardCtx {
     }
 
     /// Owner side of a GPU load: the device addresses of the slices `lease` pins.
-    pub(crate) fn gpu_resolve(
-        &self,
-        dev: &Arc<Device>,
-        lease: u64,
-        items: Vec<(SliceKey, u32)>,
-    ) -> Result<Vec<(u32, u64)>, String> {
+    pub(crate) fn gpu_resolve(&self, dev: &Arc<Device>, lease: u64, items: Vec<(SliceKey, u32)>) -> Resolved {
         let keys: Vec<SliceKey> = items.iter().map(|(k, _)| *k).collect();
         let slots = self
             .index
@@ -152,7 +163,20 @@ impl ShardCtx {
             out.push((block_id, self.slot_addr(dev, slot.offset)?));
         }
         self.counters.loads.set(self.counters.loads.get() + out.len() as u64);
-        Ok(out)
+        Ok((self.slot_addr(dev, 0)?, out))
+    }
+
+    /// The device addresses of the slots of `keys` (in order) at the pool offsets `slots`, if
+    /// this shard knows where every owner's arena sits on `dev`.
+    fn known_slot_addrs(&self, uuid: [u8; 16], keys: &[(SliceKey, u32)], slots: &[u64]) -> Option<Vec<(u32, u64)>> {
+        if slots.len() != keys.len() {
+            return None;
+        }
+        let bases = self.gpu.bases.borrow();
+        keys.iter()
+            .zip(slots)
+            .map(|((key, block), &off)| Some((*block, bases.get(&(self.owner(key), uuid))? + off)))
+            .collect()
     }
 
     fn copy_slot(&self, dev: &Arc<Device>) -> Result<Rc<CopySlot>, CudaError> {
@@ -595,8 +619,10 @@ pub(crate) async fn save(
 }
 
 /// Copies a checked lease's slices into this rank's engine blocks in GPU memory. Like a save,
-/// every owner answers first and one copy moves them all; any failure fails the load. Returns the
-/// outcome and the owners' unpin messages, for the caller to send once the client has its answer.
+/// every owner answers first and one copy moves them all; any failure fails the load. Where the
+/// lease carries the slots' offsets (`pins`) and every owner's arena address on this GPU is
+/// known, no owner is asked. Returns the outcome and the owners' unpin messages, for the caller
+/// to send once the client has its answer.
 ///
 /// A layer-wise load (`layerwise`) queues the copy layer by layer with kvloft's event behind each
 /// layer, and announces the events before the copy completes.
@@ -605,22 +631,30 @@ pub(crate) async fn load(
     mem: Arc<CudaMemory>,
     lease: u64,
     keys: Vec<(SliceKey, u32)>,
+    pins: LeasePins,
     layerwise: Option<Layerwise>,
 ) -> (Loaded, Followup) {
     let rank = keys.first().map_or(0, |(k, _)| k.rank);
+    let dev = mem.device().clone();
+    let known = pins.slots.as_deref().and_then(|slots| ctx.known_slot_addrs(dev.uuid(), &keys, slots));
     let groups = by_owner(ctx, keys);
     let owners: Vec<ShardId> = groups.keys().copied().collect();
-    let mut unanswered = owners.len();
-    let dev = mem.device().clone();
+    let mut unanswered = if known.is_some() { 0 } else { owners.len() };
     let mut error = None;
     let mut loaded = 0u32;
     match ctx.copy_slot(&dev) {
         Err(e) => error = Some(e.to_string()),
         Ok(slot) => {
-            let answers = ask_owners(ctx, groups, |items, reply| {
-                MeshMsg::Owner(OwnerOp::GpuResolve { dev: dev.clone(), lease, items, reply })
-            })
-            .await;
+            let answers = match &known {
+                // Nobody to ask: a closed channel reads as every owner having answered.
+                Some(_) => flume::bounded(1).1,
+                None => {
+                    ask_owners(ctx, groups, |items, reply| {
+                        MeshMsg::Owner(OwnerOp::GpuResolve { dev: dev.clone(), lease, items, reply })
+                    })
+                    .await
+                }
+            };
             let turn = slot.turn.acquire_permit(1).await;
             if let Err(e) = &turn {
                 error = Some(format!("copier closed: {e}"));
@@ -629,15 +663,22 @@ pub(crate) async fn load(
             let mut pushed = false;
             // Every owner's slots first, then one copy, as for a save.
             let mut all_items: Vec<(u32, u64)> = Vec::new();
+            if let Some(items) = known {
+                ctx.counters.loads.set(ctx.counters.loads.get() + items.len() as u64);
+                all_items = items;
+            }
             loop {
                 let batch = next_answers(&answers).await;
                 if batch.is_empty() {
                     break;
                 }
-                for (_, r) in batch {
+                for (shard, r) in batch {
                     unanswered -= 1;
                     match r {
-                        Ok(v) => all_items.extend(v),
+                        Ok((base, v)) => {
+                            ctx.gpu.bases.borrow_mut().insert((shard, dev.uuid()), base);
+                            all_items.extend(v);
+                        }
                         Err(e) => {
                             error.get_or_insert(e);
                         }
@@ -662,6 +703,13 @@ pub(crate) async fn load(
             if pushed {
                 if let Err(e) = run.finish().await {
                     error.get_or_insert(e);
+                }
+                if ctx.now_ms() >= pins.until_ms {
+                    error.get_or_insert_with(|| {
+                        "the load's copy ended after its lease's pins lapsed (the GPU or server is overloaded); \
+                         recompute"
+                            .to_string()
+                    });
                 }
             }
         }

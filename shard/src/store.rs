@@ -15,6 +15,7 @@ use crate::shard::{MeshMsg, ShardCtx};
 use kvloft_engine::index::{FoundPrefix, Reserved};
 use kvloft_engine::key::{BlockHash, BlockKey, PackedKeys, SliceKey};
 use kvloft_engine::lease::{lease_home, Lease, LeaseError, LeaseHashes};
+use kvloft_engine::limits::PIN_GRACE_MS;
 use kvloft_engine::namespace::NamespaceId;
 use kvloft_engine::protocol::ErrorCode;
 use kvloft_gpu::host::HostMemory;
@@ -26,10 +27,23 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub(crate) struct StoreError(pub ErrorCode, pub String);
 
-/// What an owner found for a lookup: the request positions whose slices it had, all pinned.
+/// What an owner found for a lookup: the request positions whose slices it had, all pinned,
+/// and the pool offsets of their slots (same order; empty if they could not be read).
 #[derive(Debug, Default)]
 pub(crate) struct Probed {
     pub found: Vec<(u32, u16)>,
+    pub slots: Vec<u64>,
+}
+
+/// What a lease's home answers a rank that begins loading it.
+#[derive(Debug)]
+pub(crate) struct BegunLoad {
+    ns: NamespaceId,
+    hashes: Vec<BlockHash>,
+    /// The pool offsets of the rank's slots, if the lookup recorded them.
+    slots: Option<Vec<u64>>,
+    /// Until when (server milliseconds) the owners keep the lease's pins.
+    pins_until_ms: u64,
 }
 
 /// A lookup's hashes, as the request carried them.
@@ -158,7 +172,7 @@ pub(crate) enum LeaseOp {
         instance: String,
         rank: u32,
         blocks: usize,
-        reply: flume::Sender<Result<(NamespaceId, Vec<BlockHash>), StoreError>>,
+        reply: flume::Sender<Result<BegunLoad, StoreError>>,
     },
     /// Rank `rank` finished loading lease `id`.
     FinishLoad { id: u64, rank: u32 },
@@ -179,7 +193,8 @@ impl ShardCtx {
                 // Answer first, pin after: this handler is synchronous, so nothing can evict in
                 // between, and the lookup's shard hears back without waiting for the pin records.
                 let found = self.find_prefix(lease, ns, keys.len(), |i| (keys[i].1, keys[i].2));
-                let out = Probed { found: keys[..found.len()].iter().map(|k| (k.0, k.2)).collect() };
+                let slots = self.index.borrow().found_offsets(&found);
+                let out = Probed { found: keys[..found.len()].iter().map(|k| (k.0, k.2)).collect(), slots };
                 let _ = reply.try_send(out);
                 self.pin_found(PendingPins { lease, expires_ms, found });
             }
@@ -205,9 +220,10 @@ impl ShardCtx {
         }
     }
 
-    /// Pins the sealed slices of `ns` named by `key_at(0..count)` (block hash, rank) under `lease`, in order, up to the first it
-    /// cannot pin (the rest cannot be in the lookup's leading hits), calls `found(i)` for each one
-    /// pinned, and counts hits and misses (the slices not pinned); returns how many it pinned.
+    /// Pins the sealed slices of `ns` named by `key_at(0..count)` (block hash, rank) under
+    /// `lease`, in order, up to the first it cannot pin (the rest cannot be in the lookup's
+    /// leading hits), calls `found(i, slot offset)` for each one pinned, and counts hits and
+    /// misses (the slices not pinned); returns how many it pinned.
     fn probe(
         &self,
         lease: u64,
@@ -215,9 +231,9 @@ impl ShardCtx {
         ns: NamespaceId,
         count: usize,
         key_at: impl Fn(usize) -> (BlockHash, u16),
-        mut found: impl FnMut(usize),
+        mut found: impl FnMut(usize, u64),
     ) -> usize {
-        let hits = self.index.borrow_mut().pin_many(lease, expires_ms, ns, count, key_at, |i, _| found(i));
+        let hits = self.index.borrow_mut().pin_many(lease, expires_ms, ns, count, key_at, |i, s| found(i, s.offset));
         self.counters.hits.set(self.counters.hits.get() + hits as u64);
         self.counters.misses.set(self.counters.misses.get() + (count - hits) as u64);
         hits
@@ -378,7 +394,12 @@ impl ShardCtx {
                         format!("{blocks} block ids for a lease of {hits} hits; send at most one per hit"),
                     )),
                     _ => match leases.begin_load(id, &instance, rank, now) {
-                        Ok(lease) => Ok((lease.ns, lease.hashes.to_vec())),
+                        Ok(lease) => Ok(BegunLoad {
+                            ns: lease.ns,
+                            hashes: lease.hashes.to_vec(),
+                            slots: lease.rank_slots(rank, blocks),
+                            pins_until_ms: lease.expires_ms + PIN_GRACE_MS,
+                        }),
                         Err(e) => Err(lease_error(e)),
                     },
                 };
@@ -575,6 +596,9 @@ pub(crate) async fn lookup(
 ) -> Result<LookupAnswer, StoreError> {
     let lease = ctx.leases.borrow_mut().next_id();
     let expires_ms = ctx.now_ms() + ttl_ms;
+    // The owners' pins outlast the lease, so that a load begun before it expired keeps its slots
+    // until its copy is done.
+    let pins_expire_ms = expires_ms + PIN_GRACE_MS;
     let n = keys.len();
     let single = ctx.shard_count() == 1;
     if single && ranks.max(1) == 1 {
@@ -592,8 +616,9 @@ pub(crate) async fn lookup(
                 (found, LeaseHashes::List(list))
             }
         };
-        let (hits, lease) = finish_lookup(ctx, instance, ns, ranks, hashes, expires_ms, lease, vec![ctx.id]);
-        let pending = (hits > 0).then_some(PendingPins { lease, expires_ms, found });
+        let (hits, lease) =
+            finish_lookup(ctx, instance, ns, ranks, hashes, Vec::new(), expires_ms, lease, vec![ctx.id]);
+        let pending = (hits > 0).then_some(PendingPins { lease, expires_ms: pins_expire_ms, found });
         return Ok(LookupAnswer { hits, lease, pending });
     }
     let hashes = keys.into_list();
@@ -608,46 +633,72 @@ pub(crate) async fn lookup(
     let mut pending = Vec::new();
     for (shard, keys) in remote.into_iter().enumerate().filter(|(_, keys)| !keys.is_empty()) {
         let (reply, rx) = flume::bounded(1);
-        ctx.tell(shard, MeshMsg::Owner(OwnerOp::Probe { lease, expires_ms, ns, keys, reply })).await;
+        ctx.tell(shard, MeshMsg::Owner(OwnerOp::Probe { lease, expires_ms: pins_expire_ms, ns, keys, reply })).await;
         pending.push((shard, rx));
     }
     // This shard's own share, pinned in place: every position when it is the only shard, else
     // the positions it owns; `ranks` slices per position.
     let per = ranks.max(1) as usize;
     let mut found = vec![0u32; n];
+    // The pool offset of each (position, rank)'s slot, for loads to read without asking the
+    // owners again (decision 53).
+    let mut slots = vec![0u64; n * per];
     if single {
-        ctx.probe(lease, expires_ms, ns, n * per, |i| (hashes[i / per], (i % per) as u16), |i| found[i / per] += 1);
+        ctx.probe(
+            lease,
+            pins_expire_ms,
+            ns,
+            n * per,
+            |i| (hashes[i / per], (i % per) as u16),
+            |i, slot| {
+                found[i / per] += 1;
+                slots[i] = slot;
+            },
+        );
     } else if per == 1 {
         let mine: Vec<u32> = (0..n as u32).filter(|&pos| owners[pos as usize] == ctx.id).collect();
         ctx.probe(
             lease,
-            expires_ms,
+            pins_expire_ms,
             ns,
             mine.len(),
             |i| (hashes[mine[i] as usize], 0),
-            |i| found[mine[i] as usize] += 1,
+            |i, slot| {
+                found[mine[i] as usize] += 1;
+                slots[mine[i] as usize] = slot;
+            },
         );
     } else {
         let mine: Vec<u32> = (0..n as u32).filter(|&pos| owners[pos as usize] == ctx.id).collect();
         ctx.probe(
             lease,
-            expires_ms,
+            pins_expire_ms,
             ns,
             mine.len() * per,
             |i| (hashes[mine[i / per] as usize], (i % per) as u16),
-            |i| found[mine[i / per] as usize] += 1,
+            |i, slot| {
+                found[mine[i / per] as usize] += 1;
+                slots[mine[i / per] as usize * per + i % per] = slot;
+            },
         );
     }
+    // Whether every found slice's offset is known (an owner whose finding went stale sends none).
+    let mut offsets_known = true;
     for (shard, rx) in pending {
         let probed = rx
             .recv_async()
             .await
             .map_err(|_| StoreError(ErrorCode::ShuttingDown, format!("shard {shard} has stopped; retry later")))?;
-        for (pos, _) in probed.found {
+        offsets_known &= probed.slots.len() == probed.found.len();
+        for (i, &(pos, rank)) in probed.found.iter().enumerate() {
             found[pos as usize] += 1;
+            if let (Some(&slot), Some(at)) = (probed.slots.get(i), slots.get_mut(pos as usize * per + rank as usize)) {
+                *at = slot;
+            }
         }
     }
     let hits = found.iter().take_while(|&&n| n == ranks).count();
+    slots.truncate(if offsets_known { hits * per } else { 0 });
 
     // Pins beyond the prefix protect nothing the client can load: drop them now. Each owner
     // pinned in request order, so its pins in the prefix are its first ones.
@@ -674,12 +725,13 @@ pub(crate) async fn lookup(
     let mut hashes = hashes;
     hashes.truncate(hits);
     let (hits, lease) =
-        finish_lookup(ctx, instance, ns, ranks, LeaseHashes::List(hashes), expires_ms, lease, kept_owners);
+        finish_lookup(ctx, instance, ns, ranks, LeaseHashes::List(hashes), slots, expires_ms, lease, kept_owners);
     Ok(LookupAnswer { hits, lease, pending: None })
 }
 
 /// Records the lease of a lookup whose leading hits are `hashes` (pinned by `owners`, and only
-/// those), and returns the lookup's answer. A full lease table serves the lookup as a miss: a
+/// those; their slots' offsets `slots`, see [`Lease::with_slots`]), and returns the lookup's
+/// answer. A full lease table serves the lookup as a miss: a
 /// lease nobody could load would only hold pins until expiry.
 #[allow(clippy::too_many_arguments)]
 fn finish_lookup(
@@ -688,6 +740,7 @@ fn finish_lookup(
     ns: NamespaceId,
     ranks: u32,
     hashes: LeaseHashes,
+    slots: Vec<u64>,
     expires_ms: u64,
     lease: u64,
     owners: Vec<ShardId>,
@@ -696,7 +749,7 @@ fn finish_lookup(
     if hits == 0 {
         return (0, 0);
     }
-    let record = Lease::new(lease, instance.to_string(), ns, hashes, ranks, expires_ms);
+    let record = Lease::new(lease, instance.to_string(), ns, hashes, ranks, expires_ms).with_slots(slots);
     // The lease's home is this shard (its id says so).
     let refused = ctx.leases.borrow_mut().insert(record).is_err();
     ctx.lease_owners.borrow_mut().insert(lease, owners);
@@ -810,9 +863,8 @@ async fn save_host(
 #[derive(Debug)]
 pub(crate) struct LoadPlan {
     lease: u64,
-    ns: NamespaceId,
-    hashes: Vec<BlockHash>,
     rank: u32,
+    begun: BegunLoad,
 }
 
 /// Checks lease `lease` for this instance and rank at its home and marks the rank as loading.
@@ -828,10 +880,10 @@ pub(crate) async fn load_prepare(
         return Err(StoreError(ErrorCode::UnknownLease, format!("lease {lease:#x} was not issued by this server")));
     }
     let instance = instance.to_string();
-    let (ns, hashes) = ctx
+    let begun = ctx
         .ask(home, |reply| MeshMsg::Lease(LeaseOp::BeginLoad { id: lease, instance, rank, blocks: block_count, reply }))
         .await??;
-    Ok(LoadPlan { lease, ns, hashes, rank })
+    Ok(LoadPlan { lease, rank, begun })
 }
 
 /// Copies the planned slices into this rank's engine blocks `block_ids` (one per hit, in order).
@@ -845,7 +897,7 @@ pub(crate) async fn load_copy(
     block_ids: Vec<u32>,
     layerwise: Option<crate::gpu_path::Layerwise>,
 ) -> (Loaded, Followup) {
-    let LoadPlan { lease, ns, hashes, rank } = plan;
+    let LoadPlan { lease, rank, begun: BegunLoad { ns, hashes, slots, pins_until_ms } } = plan;
     let keys = hashes
         .iter()
         .zip(&block_ids)
@@ -871,7 +923,8 @@ pub(crate) async fn load_copy(
             }
         }
         EngineMemory::Cuda(mem) => {
-            (total, followup) = crate::gpu_path::load(ctx, mem, lease, keys.collect(), layerwise).await;
+            let pins = crate::gpu_path::LeasePins { slots, until_ms: pins_until_ms };
+            (total, followup) = crate::gpu_path::load(ctx, mem, lease, keys.collect(), pins, layerwise).await;
         }
     }
     let home = lease_home(lease) as ShardId;
