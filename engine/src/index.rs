@@ -166,6 +166,10 @@ pub struct ShardIndex {
     pinned_main: usize,
     writing: usize,
     evictions: u64,
+    /// Slots set aside for GPU saves ([`ShardIndex::stock`]): allocated, in no entry, counted
+    /// against `max_entries`.
+    stocked: usize,
+    stocked_bytes: u64,
 }
 
 impl ShardIndex {
@@ -189,6 +193,8 @@ impl ShardIndex {
             pinned_main: 0,
             writing: 0,
             evictions: 0,
+            stocked: 0,
+            stocked_bytes: 0,
         }
     }
 
@@ -205,7 +211,7 @@ impl ShardIndex {
         // With one slice size per shard (one namespace) one eviction always frees a usable slot;
         // with several, a size class may need a whole chunk to drain first.
         loop {
-            if self.entries.len() < self.max_entries {
+            if self.entries.len() + self.stocked < self.max_entries {
                 if let Some(slot) = self.slab.alloc(bytes) {
                     self.entries.insert(key, Entry { slot, state: State::Writing, pins: 0, freq: 0 });
                     self.writing += 1;
@@ -214,13 +220,69 @@ impl ShardIndex {
             }
             if !self.evict_one() {
                 let (pinned, writing) = (self.pinned_entries, self.writing);
-                return Err(if self.entries.len() >= self.max_entries {
+                return Err(if self.entries.len() + self.stocked >= self.max_entries {
                     IndexError::TooManyEntries { max: self.max_entries, pinned, writing }
                 } else {
                     IndexError::Full { bytes, pinned, writing }
                 });
             }
         }
+    }
+
+    /// Sets a slot of `bytes` aside for a save whose keys are not known yet (a GPU save on another
+    /// shard copies into it first and names its key afterwards, decision 54), evicting as
+    /// [`ShardIndex::reserve`] does. The slot counts as used, and as an entry, until
+    /// [`ShardIndex::adopt`] or [`ShardIndex::unstock`] takes it back. Returns `None` when the
+    /// slots set aside would exceed `max_stock_bytes`, or nothing can be evicted.
+    pub fn stock(&mut self, bytes: u64, max_stock_bytes: u64) -> Option<Slot> {
+        if bytes == 0 || self.stocked_bytes + bytes > max_stock_bytes {
+            return None;
+        }
+        loop {
+            if self.entries.len() + self.stocked < self.max_entries {
+                if let Some(slot) = self.slab.alloc(bytes) {
+                    if self.stocked_bytes + slot.reserved > max_stock_bytes {
+                        let freed = self.slab.free(slot);
+                        debug_assert!(freed);
+                        return None;
+                    }
+                    self.stocked += 1;
+                    self.stocked_bytes += slot.reserved;
+                    return Some(slot);
+                }
+            }
+            if !self.evict_one() {
+                return None;
+            }
+        }
+    }
+
+    /// Files the bytes a save wrote into stocked `slot` as sealed slice `key`; returns false, and
+    /// frees the slot, when `key` is already stored (another save got there first).
+    pub fn adopt(&mut self, key: SliceKey, slot: Slot) -> bool {
+        self.stocked -= 1;
+        self.stocked_bytes -= slot.reserved;
+        if self.entries.contains_key(&key) {
+            let freed = self.slab.free(slot);
+            debug_assert!(freed, "stocked slot {slot:?} was not live");
+            return false;
+        }
+        self.entries.insert(key, Entry { slot, state: State::Writing, pins: 0, freq: 0 });
+        self.writing += 1;
+        self.seal(key)
+    }
+
+    /// Frees stocked `slot` unused (or its save's copy failed).
+    pub fn unstock(&mut self, slot: Slot) {
+        self.stocked -= 1;
+        self.stocked_bytes -= slot.reserved;
+        let freed = self.slab.free(slot);
+        debug_assert!(freed, "stocked slot {slot:?} was not live");
+    }
+
+    /// Slots set aside by [`ShardIndex::stock`], and their bytes.
+    pub fn stocked(&self) -> (usize, u64) {
+        (self.stocked, self.stocked_bytes)
     }
 
     /// Publishes a written slice. A key evicted recently (in the ghost queue) goes straight to the
@@ -688,8 +750,12 @@ impl ShardIndex {
     pub(crate) fn check(&self) {
         self.slab.check();
         let used: u64 = self.entries.values().map(|e| e.slot.reserved).sum();
-        assert_eq!(used, self.slab.used_bytes(), "slab holds exactly the entries' slots");
-        assert!(self.entries.len() <= self.max_entries);
+        assert_eq!(
+            used + self.stocked_bytes,
+            self.slab.used_bytes(),
+            "slab holds exactly the entries' and stock's slots"
+        );
+        assert!(self.entries.len() + self.stocked <= self.max_entries);
         let writing = self.entries.values().filter(|e| e.state == State::Writing).count();
         assert_eq!(writing, self.writing);
         assert_eq!(self.slices() + writing, self.entries.len(), "every sealed entry is queued once");
@@ -784,6 +850,42 @@ mod tests {
             assert!(ix.contains_sealed(k(h - PER_CHUNK + 1)));
         }
         assert_eq!(ix.evictions(), 10);
+        ix.check();
+    }
+
+    #[test]
+    fn stocked_slots_are_adopted_freed_and_bounded() {
+        let mut ix = ShardIndex::new(CHUNK_BYTES, 4);
+        let a = ix.stock(SZ, 2 * SZ).unwrap();
+        let b = ix.stock(SZ, 2 * SZ).unwrap();
+        assert!(ix.stock(SZ, 2 * SZ).is_none(), "at most 2 * SZ set aside");
+        assert_eq!((ix.stocked(), ix.used_bytes(), ix.slices()), ((2, 2 * SZ), 2 * SZ, 0));
+        ix.check();
+        put(&mut ix, k(1));
+        put(&mut ix, k(3));
+        ix.pin(k(1), 8, 100).unwrap();
+        ix.pin(k(3), 8, 100).unwrap();
+        let e = ix.reserve(k(4), SZ).unwrap_err();
+        assert!(matches!(e, IndexError::TooManyEntries { max: 4, .. }), "stock counts as entries: {e:?}");
+        ix.unpin_lease(8);
+        assert!(ix.adopt(k(2), a), "a new key is filed");
+        assert_eq!(ix.slot(k(2)), Some(a), "sealed in the stocked slot");
+        assert!(!ix.adopt(k(1), b), "a key already stored: the slot is freed");
+        assert_eq!(ix.slot(k(1)).map(|s| s.offset == b.offset), Some(false));
+        assert_eq!((ix.stocked(), ix.slices(), ix.used_bytes()), ((0, 0), 3, 3 * SZ));
+        ix.check();
+        let c = ix.stock(SZ, SZ).unwrap();
+        assert_eq!(ix.evictions(), 0);
+        ix.unstock(c);
+        assert_eq!((ix.stocked(), ix.used_bytes()), ((0, 0), 3 * SZ));
+        // At the entry bound, stocking evicts an unpinned slice; with everything pinned it fails.
+        put(&mut ix, k(4));
+        assert!(ix.stock(SZ, SZ).is_some());
+        assert_eq!(ix.evictions(), 1);
+        for h in 1..=4 {
+            let _ = ix.pin(k(h), 9, 100);
+        }
+        assert!(ix.stock(SZ, 2 * SZ).is_none(), "nothing evictable");
         ix.check();
     }
 

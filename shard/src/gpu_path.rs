@@ -7,7 +7,10 @@
 //!
 //! - save: owners reserve slots (*writing*, invisible to lookups) and return their device
 //!   addresses; the connection's shard plans and runs the copy (kernel or DMA, see
-//!   `kvloft_gpu::plan`); owners then seal the slices, or abort them if the copy failed.
+//!   `kvloft_gpu::plan`); owners then seal the slices, or abort them if the copy failed. Owners
+//!   also keep a bounded stock of slots set aside for each saving shard: a save whose every
+//!   owner's share fits in the stock copies at once and tells the owners its keys afterwards
+//!   (decision 54).
 //! - load: the lease's owners return the device addresses of the pinned slots; the copy runs;
 //!   owners drop the pins. A load is reported done only after its copy has completed on the GPU.
 //!   When the lookup recorded the slots' pool offsets in the lease and this shard knows where
@@ -21,6 +24,7 @@ use crate::store::{by_owner, Loaded, OwnerOp, Saved};
 use kvloft_engine::index::Reserved;
 use kvloft_engine::key::{BlockHash, BlockKey, SliceKey};
 use kvloft_engine::namespace::NamespaceId;
+use kvloft_engine::slab::Slot;
 use kvloft_gpu::blocks::{BlockPair, BlockTemplate};
 use kvloft_gpu::cuda::{BlockJob, Copier, CudaError, CudaMemory, Device, HostRegistration, IpcEvent, SharedEvent};
 use kvloft_gpu::plan::{CurveMethod, Planner};
@@ -41,6 +45,14 @@ const COPIER_RANGES: usize = 1 << 14;
 /// How often a copy in flight is polled.
 const POLL: Duration = Duration::from_micros(5);
 
+/// Pool memory a saving shard keeps in stock, per GPU and slice size, over all owners: each
+/// owner sets aside up to this divided by the shard count for it (decision 54).
+const STOCK_BYTES_PER_SAVER: u64 = 128 << 20;
+/// Most slots one saving shard keeps in stock per owner, GPU and slice size.
+const MAX_STOCK_SLOTS: usize = 256;
+/// An owner sets aside at most this share of its pool (1 / divisor) for all saving shards.
+const STOCK_POOL_DIVISOR: u64 = 16;
+
 /// Slots an owner reserved for a GPU save.
 #[derive(Debug, Default)]
 pub(crate) struct GpuReserved {
@@ -49,6 +61,34 @@ pub(crate) struct GpuReserved {
     pub present: u32,
     pub failed: u32,
     pub error: Option<String>,
+    /// Slots set aside for the saving shard's next saves.
+    pub stock: Vec<Stocked>,
+}
+
+/// A slot an owner set aside for a saving shard, and its device address on the stock's GPU.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stocked {
+    slot: Slot,
+    addr: u64,
+}
+
+/// Slots owner `owner` set aside for the receiving shard's saves of `slice_bytes` slices on the
+/// GPU `uuid`.
+#[derive(Debug)]
+pub(crate) struct StockGift {
+    owner: ShardId,
+    uuid: [u8; 16],
+    slice_bytes: u64,
+    slots: Vec<Stocked>,
+}
+
+/// Which stock: (owner shard, GPU UUID, slice bytes).
+type StockKey = (ShardId, [u8; 16], u64);
+
+/// Slots a saving shard keeps per owner, GPU and slice size.
+fn stock_target(shards: usize, slice_bytes: u64) -> usize {
+    let per_owner = STOCK_BYTES_PER_SAVER / shards.max(1) as u64;
+    ((per_owner / slice_bytes.max(1)) as usize).clamp(1, MAX_STOCK_SLOTS)
 }
 
 /// An owner's answer to a GPU load: the device address of its arena's start, and `(engine
@@ -74,6 +114,9 @@ pub(crate) struct GpuState {
     /// Per owner shard and GPU, the device address of the owner's arena start, as the owner
     /// answered it to a load: fixed for the server's life (an owner keeps its registration).
     bases: RefCell<HashMap<(ShardId, [u8; 16]), u64>>,
+    /// Slots owners set aside for this shard's saves, per (owner, GPU, slice bytes); at most
+    /// [`stock_target`] each.
+    stock: RefCell<HashMap<StockKey, Vec<Stocked>>>,
 }
 
 impl std::fmt::Debug for GpuState {
@@ -133,6 +176,77 @@ impl ShardCtx {
             }
         }
         out
+    }
+
+    /// Owner side: sets up to `n` slots of `slice_bytes` aside for a saving shard, within this
+    /// shard's bound on stock ([`STOCK_POOL_DIVISOR`]).
+    pub(crate) fn stock_slots(&self, dev: &Arc<Device>, slice_bytes: u64, n: usize) -> Vec<Stocked> {
+        let mut index = self.index.borrow_mut();
+        let max = index.capacity_bytes() / STOCK_POOL_DIVISOR;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let Some(slot) = index.stock(slice_bytes, max) else { break };
+            match self.slot_addr(dev, slot.offset) {
+                Ok(addr) => out.push(Stocked { slot, addr }),
+                Err(_) => {
+                    index.unstock(slot);
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// Owner side after a GPU save copied into slots set aside for `saver`: files them under
+    /// their keys (or frees them, when the copy failed or a key is already stored), then sets as
+    /// many new slots aside for `saver` and sends them to it.
+    pub(crate) fn gpu_adopt(
+        self: &Rc<Self>,
+        dev: &Arc<Device>,
+        slice_bytes: u64,
+        items: Vec<(SliceKey, Slot)>,
+        ok: bool,
+        saver: ShardId,
+    ) {
+        let n = items.len();
+        {
+            let mut index = self.index.borrow_mut();
+            let mut adopted = 0;
+            for (key, slot) in items {
+                if !ok {
+                    index.unstock(slot);
+                } else if index.adopt(key, slot) {
+                    adopted += 1;
+                }
+            }
+            self.counters.saves.set(self.counters.saves.get() + adopted);
+        }
+        let slots = self.stock_slots(dev, slice_bytes, n);
+        if !slots.is_empty() {
+            let gift = StockGift { owner: self.id, uuid: dev.uuid(), slice_bytes, slots };
+            let ctx = self.clone();
+            glommio::spawn_local(async move { ctx.tell(saver, MeshMsg::Stock(gift)).await }).detach();
+        }
+    }
+
+    /// Saver side: keeps slots an owner set aside for this shard, up to [`stock_target`], and
+    /// gives any beyond it back.
+    pub(crate) fn take_stock(self: &Rc<Self>, gift: StockGift) {
+        let StockGift { owner, uuid, slice_bytes, mut slots } = gift;
+        let target = stock_target(self.shard_count(), slice_bytes);
+        let extra = {
+            let mut stock = self.gpu.stock.borrow_mut();
+            let kept = stock.entry((owner, uuid, slice_bytes)).or_default();
+            let room = target.saturating_sub(kept.len()).min(slots.len());
+            kept.extend(slots.drain(..room));
+            slots
+        };
+        if !extra.is_empty() {
+            let slots = extra.into_iter().map(|s| s.slot).collect();
+            let ctx = self.clone();
+            glommio::spawn_local(async move { ctx.tell(owner, MeshMsg::Owner(OwnerOp::Unstock { slots })).await })
+                .detach();
+        }
     }
 
     /// Owner side after a GPU save's copy: publishes the slices, or frees them if it failed.
@@ -516,8 +630,10 @@ impl Followup {
 }
 
 /// Saves this rank's slices of `blocks` from GPU memory: every owner reserves its share's slots,
-/// then one copy moves them all (decision 45). Returns the outcome and the owners' seal (or
-/// abort) messages, for the caller to send before the client's `save_done` (decision 51).
+/// then one copy moves them all (decision 45). An owner whose whole share fits in the slots it
+/// set aside for this shard is not asked: the copy goes there, and the owner learns the keys
+/// afterwards (decision 54). Returns the outcome and the owners' seal (or abort) messages, for
+/// the caller to send before the client's `save_done` (decision 51).
 pub(crate) async fn save(
     ctx: &Rc<ShardCtx>,
     mem: Arc<CudaMemory>,
@@ -529,19 +645,42 @@ pub(crate) async fn save(
     let slice_bytes = mem.slice_bytes();
     let keys = blocks.into_iter().map(|(hash, id)| (SliceKey { block: BlockKey { ns, hash }, rank: rank as u16 }, id));
     let groups = by_owner(ctx, keys);
-    let mut unanswered: HashMap<ShardId, u32> = groups.iter().map(|(s, items)| (*s, items.len() as u32)).collect();
     let dev = mem.device().clone();
+    let uuid = dev.uuid();
     let mut total = Saved::default();
     let slot = match ctx.copy_slot(&dev) {
         Ok(slot) => slot,
         Err(e) => {
-            total.failed = unanswered.values().sum();
+            total.failed = groups.values().map(|items| items.len() as u32).sum();
             total.error = Some(e.to_string());
             return (total, Followup::default());
         }
     };
-    let answers = ask_owners(ctx, groups, |items, reply| {
-        MeshMsg::Owner(OwnerOp::GpuReserve { dev: dev.clone(), slice_bytes, items, reply })
+    // Owners whose whole share the stock covers are not asked; the others reserve, and top the
+    // stock up to its target.
+    let target = stock_target(ctx.shard_count(), slice_bytes);
+    let mut stocked: Vec<(ShardId, Vec<(SliceKey, Slot)>)> = Vec::new();
+    let mut all_items: Vec<(u32, u64)> = Vec::new();
+    // (owner, (its share, slots to add to the stock)).
+    type Ask = (ShardId, (Vec<(SliceKey, u32)>, usize));
+    let mut ask: Vec<Ask> = Vec::new();
+    {
+        let mut stock = ctx.gpu.stock.borrow_mut();
+        for (owner, items) in groups {
+            let kept = stock.entry((owner, uuid, slice_bytes)).or_default();
+            if kept.len() >= items.len() {
+                let taken = kept.split_off(kept.len() - items.len());
+                all_items.extend(items.iter().zip(&taken).map(|((_, block), s)| (*block, s.addr)));
+                stocked.push((owner, items.into_iter().zip(taken).map(|((key, _), s)| (key, s.slot)).collect()));
+            } else {
+                let want = target.saturating_sub(kept.len());
+                ask.push((owner, (items, want)));
+            }
+        }
+    }
+    let mut unanswered: HashMap<ShardId, u32> = ask.iter().map(|(s, (items, _))| (*s, items.len() as u32)).collect();
+    let answers = ask_owners(ctx, ask, |(items, stock), reply| {
+        MeshMsg::Owner(OwnerOp::GpuReserve { dev: dev.clone(), slice_bytes, items, stock, reply })
     })
     .await;
     let mut reserved: Vec<(ShardId, Vec<SliceKey>)> = Vec::new();
@@ -565,14 +704,17 @@ pub(crate) async fn save(
         // Every owner's slots first, then one copy: owners answer within microseconds of each
         // other, and one staged copy keeps the copy engines busier than one per answer
         // (decision 45). A layer-wise save copies layer-major, which needs them all anyway.
-        let mut all_items: Vec<(u32, u64)> = Vec::new();
         loop {
             let batch = next_answers(&answers).await;
             if batch.is_empty() {
                 break;
             }
-            for (shard, r) in batch {
+            for (shard, mut r) in batch {
                 unanswered.remove(&shard);
+                let slots = std::mem::take(&mut r.stock);
+                if !slots.is_empty() {
+                    ctx.take_stock(StockGift { owner: shard, uuid, slice_bytes, slots });
+                }
                 total.present += r.present;
                 total.failed += r.failed;
                 if total.error.is_none() {
@@ -602,7 +744,8 @@ pub(crate) async fn save(
         total.error.get_or_insert_with(|| format!("shard {shard} has stopped; retry later"));
     }
     let ok = copy_error.is_none();
-    let copied: u32 = reserved.iter().map(|(_, k)| k.len() as u32).sum();
+    let copied: u32 = reserved.iter().map(|(_, k)| k.len() as u32).sum::<u32>()
+        + stocked.iter().map(|(_, items)| items.len() as u32).sum::<u32>();
     if ok {
         total.saved += copied;
     } else {
@@ -614,6 +757,10 @@ pub(crate) async fn save(
         if !keys.is_empty() {
             followup.push(shard, MeshMsg::Owner(OwnerOp::GpuFinish { keys, ok }));
         }
+    }
+    for (shard, items) in stocked {
+        let adopt = OwnerOp::GpuAdopt { dev: dev.clone(), slice_bytes, items, ok, saver: ctx.id };
+        followup.push(shard, MeshMsg::Owner(adopt));
     }
     (total, followup)
 }
@@ -723,4 +870,19 @@ pub(crate) async fn load(
         Some(e) => Loaded { loaded: 0, error: Some(e) },
     };
     (loaded, followup)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stock_target_splits_a_savers_budget_over_owners() {
+        let slice = 32 * 16 << 10; // 32 layers of 16 KiB
+        assert_eq!(stock_target(8, slice), 32, "128 MiB over 8 owners, 512 KiB slices");
+        assert_eq!(stock_target(1, slice), MAX_STOCK_SLOTS, "bounded per owner");
+        assert_eq!(stock_target(8, 32 * 256 << 10), 2);
+        assert_eq!(stock_target(8, 1 << 30), 1, "at least one slot");
+        assert_eq!(stock_target(0, 0), MAX_STOCK_SLOTS, "no division by zero");
+    }
 }

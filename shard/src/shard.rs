@@ -40,6 +40,8 @@ pub(crate) enum MeshMsg {
     Lease(LeaseOp),
     /// An instance registration for the receiving shard as home of the instance.
     Instance(InstanceOp),
+    /// Slots an owner set aside for the receiving shard's GPU saves (decision 54).
+    Stock(crate::gpu_path::StockGift),
 }
 
 /// Per-shard counters, read by `stats` (the Prometheus series mirror them).
@@ -120,6 +122,7 @@ impl ShardCtx {
             MeshMsg::Owner(op) => self.owner_op(op),
             MeshMsg::Lease(op) => self.lease_op(op),
             MeshMsg::Instance(op) => self.instance_op(op),
+            MeshMsg::Stock(gift) => self.take_stock(gift),
         }
     }
 }

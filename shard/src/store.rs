@@ -18,6 +18,7 @@ use kvloft_engine::lease::{lease_home, Lease, LeaseError, LeaseHashes};
 use kvloft_engine::limits::PIN_GRACE_MS;
 use kvloft_engine::namespace::NamespaceId;
 use kvloft_engine::protocol::ErrorCode;
+use kvloft_engine::slab::Slot;
 use kvloft_gpu::host::HostMemory;
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -127,13 +128,27 @@ pub(crate) enum OwnerOp {
     Save { mem: Arc<HostMemory>, slice_bytes: u64, items: Vec<(SliceKey, u32)>, reply: flume::Sender<Saved> },
     /// Copy the slices pinned by `lease` into these engine blocks of `mem`, then unpin them.
     Load { mem: Arc<HostMemory>, lease: u64, items: Vec<(SliceKey, u32)>, reply: flume::Sender<Loaded> },
-    /// GPU save, step 1: reserve slots for these slices and report their device addresses on `dev`.
+    /// GPU save, step 1: reserve slots for these slices and report their device addresses on
+    /// `dev`; also set up to `stock` more slots aside for the saving shard (decision 54).
     GpuReserve {
         dev: Arc<kvloft_gpu::cuda::Device>,
         slice_bytes: u64,
         items: Vec<(SliceKey, u32)>,
+        stock: usize,
         reply: flume::Sender<(ShardId, crate::gpu_path::GpuReserved)>,
     },
+    /// A GPU save copied into slots this shard set aside for shard `saver` (`ok`), or its copy
+    /// failed: file the slots under their keys, or free them; then set as many new slots aside
+    /// for `saver`.
+    GpuAdopt {
+        dev: Arc<kvloft_gpu::cuda::Device>,
+        slice_bytes: u64,
+        items: Vec<(SliceKey, Slot)>,
+        ok: bool,
+        saver: ShardId,
+    },
+    /// Slots set aside for a shard that had enough of them: free them.
+    Unstock { slots: Vec<Slot> },
     /// GPU save, step 2: the copy is done (`ok`) or failed: seal or abort the reserved slices.
     GpuFinish { keys: Vec<SliceKey>, ok: bool },
     /// GPU load, after the copy: drop `lease`'s pins of `rank`'s slices (a rank loads once).
@@ -187,7 +202,7 @@ impl ShardCtx {
     }
 
     /// Handles a store operation addressed to this shard as owner.
-    pub(crate) fn owner_op(&self, op: OwnerOp) {
+    pub(crate) fn owner_op(self: &Rc<Self>, op: OwnerOp) {
         match op {
             OwnerOp::Probe { lease, expires_ms, ns, keys, reply } => {
                 // Answer first, pin after: this handler is synchronous, so nothing can evict in
@@ -207,8 +222,19 @@ impl ShardCtx {
             OwnerOp::Load { mem, lease, items, reply } => {
                 let _ = reply.try_send(self.load_slices(&mem, lease, items));
             }
-            OwnerOp::GpuReserve { dev, slice_bytes, items, reply } => {
-                let _ = reply.try_send((self.id, self.gpu_reserve(&dev, slice_bytes, items)));
+            OwnerOp::GpuReserve { dev, slice_bytes, items, stock, reply } => {
+                let mut reserved = self.gpu_reserve(&dev, slice_bytes, items);
+                reserved.stock = self.stock_slots(&dev, slice_bytes, stock);
+                let _ = reply.try_send((self.id, reserved));
+            }
+            OwnerOp::GpuAdopt { dev, slice_bytes, items, ok, saver } => {
+                self.gpu_adopt(&dev, slice_bytes, items, ok, saver);
+            }
+            OwnerOp::Unstock { slots } => {
+                let mut index = self.index.borrow_mut();
+                for slot in slots {
+                    index.unstock(slot);
+                }
             }
             OwnerOp::GpuFinish { keys, ok } => self.gpu_finish(keys, ok),
             OwnerOp::UnpinRank { lease, rank } => {
