@@ -198,8 +198,9 @@ impl ShardCtx {
     }
 
     /// Owner side after a GPU save copied into slots set aside for `saver`: files them under
-    /// their keys (or frees them, when the copy failed or a key is already stored), then sets as
-    /// many new slots aside for `saver` and sends them to it.
+    /// their keys (or frees them, when the copy failed or a key is already stored), then, in a
+    /// task of its own (so that a saver that is also the owner writes its `save_done` first),
+    /// sets as many new slots aside for `saver` and sends them to it.
     pub(crate) fn gpu_adopt(
         self: &Rc<Self>,
         dev: &Arc<Device>,
@@ -221,12 +222,15 @@ impl ShardCtx {
             }
             self.counters.saves.set(self.counters.saves.get() + adopted);
         }
-        let slots = self.stock_slots(dev, slice_bytes, n);
-        if !slots.is_empty() {
-            let gift = StockGift { owner: self.id, uuid: dev.uuid(), slice_bytes, slots };
-            let ctx = self.clone();
-            glommio::spawn_local(async move { ctx.tell(saver, MeshMsg::Stock(gift)).await }).detach();
-        }
+        let (ctx, dev) = (self.clone(), dev.clone());
+        glommio::spawn_local(async move {
+            let slots = ctx.stock_slots(&dev, slice_bytes, n);
+            if !slots.is_empty() {
+                let gift = StockGift { owner: ctx.id, uuid: dev.uuid(), slice_bytes, slots };
+                ctx.tell(saver, MeshMsg::Stock(gift)).await;
+            }
+        })
+        .detach();
     }
 
     /// Saver side: keeps slots an owner set aside for this shard, up to [`stock_target`], and
@@ -878,10 +882,10 @@ mod tests {
 
     #[test]
     fn the_stock_target_splits_a_savers_budget_over_owners() {
-        let slice = 32 * 16 << 10; // 32 layers of 16 KiB
+        let slice = (32 * 16) << 10; // 32 layers of 16 KiB
         assert_eq!(stock_target(8, slice), 32, "128 MiB over 8 owners, 512 KiB slices");
         assert_eq!(stock_target(1, slice), MAX_STOCK_SLOTS, "bounded per owner");
-        assert_eq!(stock_target(8, 32 * 256 << 10), 2);
+        assert_eq!(stock_target(8, (32 * 256) << 10), 2);
         assert_eq!(stock_target(8, 1 << 30), 1, "at least one slot");
         assert_eq!(stock_target(0, 0), MAX_STOCK_SLOTS, "no division by zero");
     }
