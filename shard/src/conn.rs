@@ -72,6 +72,7 @@ pub(crate) fn spawn(ctx: Rc<ShardCtx>, stream: UnixStream, peer: Peer, fd: RawFd
             mailbox_seen: Cell::new(0),
             mailbox_buf: RefCell::new(Vec::new()),
             in_mailbox: Cell::new(false),
+            sealing: Cell::new(0),
             pending_fd: RefCell::new(None),
         });
         let _ = conn.clone().read_loop(reader, fd).await;
@@ -143,6 +144,10 @@ struct Connection {
     mailbox_buf: RefCell<Vec<u8>>,
     /// Set while a request from the mailbox is answered.
     in_mailbox: Cell<bool>,
+    /// Saves whose `save_done` is written and whose owner messages (seals) are still being
+    /// queued: the connection's next request waits for them, so that it reaches each owner after
+    /// them (decision 55).
+    sealing: Cell<u32>,
     /// The descriptor that the reply being sent hands over (`attach_mailbox`).
     pending_fd: RefCell<Option<OwnedFd>>,
 }
@@ -472,6 +477,11 @@ impl Connection {
     }
 
     async fn reply(self: &Rc<Self>, frame: &FrameRef<'_>) -> Result<Reply, Failure> {
+        // A save that answered its client before queueing its seals finishes queueing them
+        // first (a few microseconds; they are sends on the owners' channels).
+        while self.sealing.get() > 0 {
+            futures_lite::future::yield_now().await;
+        }
         if frame.kind != FrameKind::Request {
             return Err(Failure(
                 ErrorCode::BadFrame,
@@ -734,11 +744,13 @@ impl Connection {
             let (s, followup) = store::save(&conn.ctx, mem, instance.ns, rank, items, after).await;
             let done =
                 Event::SaveDone(SaveDone { saved: s.saved, present: s.present, failed: s.failed, error: s.error });
-            // The owners' seals go first: each is queued on its owner's mesh channel ahead of
-            // anything this connection sends after `save_done` (such as a lookup's probes), so
-            // the client finds what it just saved.
-            followup.send(&conn.ctx).await;
+            // The client hears first; the owners' seals are queued right after, and the
+            // connection's next request waits until they are (`sealing`), so it reaches each
+            // owner after them and finds what was just saved.
+            conn.sealing.set(conn.sealing.get() + 1);
             conn.send(FrameKind::Event, request_id, &protocol::to_body(&done)).await;
+            followup.send(&conn.ctx).await;
+            conn.sealing.set(conn.sealing.get() - 1);
         })
         .detach();
         Ok(Reply::Save(Queued { blocks: count }))
