@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from kvloft.config import default_socket_path
-from kvloft.vllm.config import MODES, ConnectorConfig
+from kvloft.vllm.config import LOAD_MODES, MODES, ConnectorConfig
 
 
 def test_defaults() -> None:
@@ -102,6 +102,17 @@ def test_bad_mode_is_refused_naming_the_modes() -> None:
         message = str(e.value)
         assert "mode" in message and "'write_only'" in message
         assert all(m in message for m in MODES)
+
+
+def test_load_modes() -> None:
+    assert ConnectorConfig.from_sources(None, env={}).load_mode == "async"
+    assert ConnectorConfig.from_sources({"load_mode": "sync"}, env={}).load_mode == "sync"
+    assert ConnectorConfig.from_sources(None, env={"KVLOFT_LOAD_MODE": "sync"}).load_mode == "sync"
+    with pytest.raises(ValueError) as e:
+        ConnectorConfig.from_sources({"load_mode": "layerwise"}, env={})
+    message = str(e.value)
+    assert "load_mode" in message and "'layerwise'" in message
+    assert all(m in message for m in LOAD_MODES)
 
 
 @pytest.mark.parametrize(

@@ -158,6 +158,31 @@ def test_fresh_engine_loads_prefixes_from_kvloft(model: Path, workdir: Path, bas
         server.stop()
 
 
+def test_sync_loads_in_a_fresh_engine(model: Path, workdir: Path, baseline: dict) -> None:
+    """``load_mode = "sync"``: a hit runs in the step that loads it (vLLM's synchronous
+    external loads) and its outputs still equal vLLM's without kvloft."""
+    server = Server(workdir / "sync")
+    server.workdir.mkdir()
+    server.start()
+    try:
+        with Engine(model, workdir / "engine-sync-a.log", server.socket_path) as a:
+            assert a.generate([PROMPT_X])["outputs"][0] == baseline["X"]
+            assert a.generate([PROMPT_S1])["outputs"][0] == baseline["S1"]
+        with Engine(model, workdir / "engine-sync-b.log", server.socket_path, {"load_mode": "sync"}) as b:
+            r = b.generate([PROMPT_X])
+            assert r["outputs"][0] == baseline["X"], "outputs with synchronously loaded KV differ"
+            x_tokens = len(PROMPT_X.split())
+            assert ext_hits(r) == (x_tokens - 1) // BLOCK * BLOCK, r["metrics"]
+            assert r["metrics"].get("vllm:kvloft_loaded_blocks", 0) == (x_tokens - 1) // BLOCK, r["metrics"]
+            assert r["metrics"].get("vllm:kvloft_load_failures", 0) == 0, r["metrics"]
+            before = ext_hits(r)
+            r = b.generate([PROMPT_S2])
+            assert r["outputs"][0] == baseline["S2"]
+            assert ext_hits(r) - before == 4 * BLOCK, r["metrics"]
+    finally:
+        server.stop()
+
+
 def test_engine_survives_kvloft_dying_and_hits_resume(model: Path, workdir: Path, baseline: dict) -> None:
     server = Server(workdir / "restart")
     server.workdir.mkdir()

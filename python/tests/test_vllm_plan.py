@@ -213,6 +213,26 @@ def test_after_alloc_plans_a_load_into_the_allocated_blocks(store: Store) -> Non
 
 
 @pytest.mark.server
+def test_sync_loads_run_in_the_step_that_loads_them(store: Store) -> None:
+    """``load_mode = "sync"``: the hit is not asynchronous, so vLLM schedules the request in
+    the step that loads it; that step's plan holds the load and saves only what it computes."""
+    chain = chain_hashes("sync", 6)
+    store.save(chain[:4], first_block=0)
+    planner = store.planner(async_loads=False)
+    req = Req("a", chain, 97, num_computed_tokens=0)
+    assert planner.num_new_matched_tokens(req, B) == (3 * B, False)
+    assert planner.num_new_matched_tokens(req, B) == (3 * B, False), "the reused lease too"
+    allocated = [40, 41, 42, 43, 44, 45, 46]
+    planner.after_alloc(req, allocated, 3 * B)
+    # vLLM sets the computed tokens (local + external) and schedules the rest of the prompt.
+    req.num_computed_tokens = 4 * B
+    plan = step(planner, {"a": 97 - 4 * B}, {"a": allocated})
+    assert [(load.req_id, load.block_ids) for load in plan.loads] == [("a", [41, 42, 43])]
+    # The step computes blocks 4 and 5 (the 97th token is in a 7th, partial block).
+    assert [(s.block_ids, s.hashes) for s in plan.saves] == [([44, 45], chain[4:6])]
+
+
+@pytest.mark.server
 def test_load_is_planned_for_fewer_blocks_than_the_hit(store: Store) -> None:
     chain = chain_hashes("fewer", 5)
     store.save(chain)

@@ -513,3 +513,58 @@ def test_saves_in_flight_are_bounded(rig: Rig, monkeypatch: pytest.MonkeyPatch) 
         t.mark_delayed(["r2"])
         assert rig.poll().sending == {"r2"}, "a skipped save holds no blocks"
     rig.poll_until(lambda: t.in_flight == (0, 0))
+
+
+# ---------------------------------------------------------------------------------------
+# Synchronous loads (load_mode = "sync") on CPU memory: done before the forward pass starts
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_sync_load_is_complete_when_start_loads_returns(rig: Rig) -> None:
+    chain = chain_hashes("sync-load", 4)
+    rig.store(chain, first_block=0)
+    hit = rig.scheduler.lookup(chain)
+    dst = [20, 21, 22, 23]
+    rig.cache.poison(dst)
+    t = rig.transfers
+    t.start_loads([LoadSpec("r", hit.lease, dst)], sync=True)
+    # The forward pass may read the blocks now: no poll ran.
+    assert t.in_flight == (0, 0)
+    assert rig.matches(chain, dst)
+    t.wait_layer(0)  # nothing left to wait for
+    assert rig.poll().recving == set(), "a synchronous load is never reported as a finished receive"
+    assert t.take_failed_blocks() == set()
+    counted = t.counters.peek()
+    assert (counted["loads"], counted["loaded_blocks"], counted["load_failures"]) == (1, 4, 0)
+
+
+def test_a_failed_sync_load_lists_its_blocks_in_the_same_step(rig: Rig) -> None:
+    chain = chain_hashes("sync-mixed", 3)
+    rig.store(chain, first_block=0)
+    hit = rig.scheduler.lookup(chain)
+    t = rig.transfers
+    t.start_loads([LoadSpec("bad", 1 << 40, [50, 51]), LoadSpec("good", hit.lease, [52, 53, 54])], sync=True)
+    assert t.take_failed_blocks() == {50, 51}
+    assert rig.matches(chain, [52, 53, 54])
+    assert rig.poll().recving == set()
+    # A copy that fails on the server (the worker's memory is read-only) is a failure too.
+    chain2 = chain_hashes("sync-unwritable", 2)
+    rig.store(chain2, first_block=0)
+    hit2 = rig.scheduler.lookup(chain2)
+    with protected(rig.cache, 1, mmap.PROT_READ):
+        t.start_loads([LoadSpec("ro", hit2.lease, [60, 61])], sync=True)
+    assert t.take_failed_blocks() == {60, 61}
+    counted = t.counters.peek()
+    assert (counted["loads"], counted["load_failures"], counted["loaded_blocks"]) == (3, 2, 3)
+
+
+def test_sync_loads_with_kvloft_gone_fail_at_once(rig: Rig) -> None:
+    chain = chain_hashes("sync-killed", 2)
+    rig.store(chain, first_block=0)
+    hit = rig.scheduler.lookup(chain)
+    kill(rig.server)
+    t = rig.transfers
+    t.start_loads([LoadSpec("a", hit.lease, [1, 2]), LoadSpec("b", 7, [3])], sync=True)
+    assert t.in_flight == (0, 0)
+    assert t.take_failed_blocks() == {1, 2, 3}
+    assert rig.poll().recving == set()

@@ -18,6 +18,8 @@ from ..config import default_socket_path
 
 #: What the connector does with kvloft.
 MODES = ("read_write", "save_only", "load_only")
+#: When a hit is loaded: while the request waits outside the batch, or in the step that runs it.
+LOAD_MODES = ("async", "sync")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class ConnectorConfig:
     reconnect_max_s: float = 10.0
     #: Fewest blocks worth a lookup: prompts with fewer full blocks are not looked up.
     min_lookup_blocks: int = 1
+    #: ``async``: a request with a hit waits outside the batch until its load completed.
+    #: ``sync``: it runs in the step that loads it; on a GPU each attention layer waits (on the
+    #: GPU) only for its own layer's copy, so later layers load while earlier ones compute.
+    load_mode: str = "async"
 
     @property
     def loads(self) -> bool:
@@ -92,6 +98,10 @@ class ConnectorConfig:
         """Raises ``ValueError`` for a value out of range."""
         if self.mode not in MODES:
             raise ValueError(f"kvloft connector: mode {self.mode!r} is unknown; use one of {', '.join(MODES)}")
+        if self.load_mode not in LOAD_MODES:
+            raise ValueError(
+                f"kvloft connector: load_mode {self.load_mode!r} is unknown; use one of {', '.join(LOAD_MODES)}"
+            )
         if not self.socket_path:
             raise ValueError("kvloft connector: socket_path is empty; name the socket `kvloft serve` listens on")
         for name in ("request_timeout_s", "load_timeout_s", "reconnect_initial_s", "reconnect_max_s"):

@@ -3,8 +3,11 @@
 One instance runs in vLLM's scheduler (role ``SCHEDULER``: lookups and the step plan) and one in
 each worker (role ``WORKER``: the worker's KV memory, loads and saves). Both talk to kvloft over
 its Unix socket through a :class:`~kvloft.vllm.link.Link` that keeps vLLM serving while kvloft is
-down. Loads are asynchronous: a request with a kvloft hit waits in ``WAITING_FOR_REMOTE_KVS``
-while kvloft copies, and a failed load makes vLLM recompute the blocks.
+down. With ``load_mode = "async"`` (the default) a request with a kvloft hit waits in
+``WAITING_FOR_REMOTE_KVS`` while kvloft copies; with ``"sync"`` it runs in the step that loads
+it, each attention layer waiting for its own layer's copy (on a GPU, on the GPU). A failed load
+makes vLLM recompute the blocks. On a GPU each layer's save waits for an event recorded after
+that layer's attention, so saves copy while later layers compute.
 """
 
 from __future__ import annotations
@@ -160,7 +163,10 @@ class KvloftConnector(KVConnectorBase_V1):
         self._transfers: Transfers | None = None
         self._handshake = KvloftHandshake(reason="register_kv_caches was not called")
         self._gpu = False
-        self._save_event: Any = None
+        #: The GPU worker's per-layer events (layer-wise loads and saves).
+        self._layer_events: Any = None
+        #: Attention layer name to its index in the registered memory.
+        self._layer_index: dict[str, int] = {}
         groups = getattr(kv_cache_config, "kv_cache_groups", None) if kv_cache_config is not None else None
         if groups is not None and len(groups) != 1:
             self.disabled_reason = (
@@ -185,6 +191,7 @@ class KvloftConnector(KVConnectorBase_V1):
                 hashes_per_block=self._hashes_per_block(vllm_config, kv_cache_config),
                 loads=self.config.loads,
                 saves=self.config.saves,
+                async_loads=self.config.load_mode == "async",
                 min_lookup_blocks=self.config.min_lookup_blocks,
                 counters=self.counters,
             )
@@ -275,7 +282,13 @@ class KvloftConnector(KVConnectorBase_V1):
         namespace = engine_namespace(self._vllm_config, len(layers), shape, device.type)
         rank = _rank()
         link = self._link(namespace, memory_of(rank), f"vllm-worker-{rank}")
-        self._transfers = Transfers(link, load_timeout_s=self.config.load_timeout_s, counters=self.counters)
+        self._layer_index = {name: i for i, name in enumerate(kv_caches)}
+        if self._gpu:
+            from ..gpu import LayerEvents
+
+            self._layer_events = LayerEvents(len(layers), device)
+        self._transfers = Transfers(link, load_timeout_s=self.config.load_timeout_s, counters=self.counters,
+                                    layer_events=self._layer_events)
         try:
             link.client()  # register now when kvloft is up; otherwise on first use
         except Exception as e:  # noqa: BLE001 - a refused registration is a configuration error
@@ -293,31 +306,40 @@ class KvloftConnector(KVConnectorBase_V1):
         if kv_connector_metadata.plan.preempted:
             self._transfers.wait_for_saves(kv_connector_metadata.plan.preempted)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self._layer_events is not None:
+            self._layer_events.reset_saves()  # a new step: no layer has written yet
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         plan = self._meta()
         if self._transfers is not None and plan is not None and plan.loads:
-            self._transfers.start_loads(plan.loads)
+            self._transfers.start_loads(plan.loads, sync=self.config.load_mode == "sync")
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete between steps (the request waits in WAITING_FOR_REMOTE_KVS)
+        # Asynchronous loads completed before their request ran: only synchronous ones wait.
+        if self._transfers is not None:
+            self._transfers.wait_layer(self._layer_index.get(layer_name))
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        return  # saves are submitted once per step, in wait_for_save
+        # The save itself is one request per step (wait_for_save); on a GPU each layer's copy
+        # waits for the event recorded here, after the kernels that wrote the layer.
+        if self._layer_events is not None:
+            self._layer_events.record_save(self._layer_index.get(layer_name))
 
     def wait_for_save(self) -> None:
         plan = self._meta()
         if self._transfers is None or plan is None:
             return
         if plan.saves:
-            after = None
-            if self._gpu:
-                # kvloft copies on its own stream: its copy waits (on the GPU) for an event
-                # recorded after this step's kernels, so the blocks are written first.
-                if self._save_event is None:
-                    self._save_event = torch.cuda.Event(interprocess=True)
-                self._save_event.record(torch.cuda.current_stream())
-                after = bytes(self._save_event.ipc_handle())
-            self._transfers.start_saves(plan.saves, after_event=after)
+            after, per_layer = None, None
+            if self._layer_events is not None:
+                # kvloft copies on its own stream, behind events recorded on this one: per
+                # layer when every layer recorded one this step, else one recorded now.
+                after, per_layer = self._layer_events.save_order()
+            self._transfers.start_saves(plan.saves, after_event=after, layer_events=per_layer)
+        elif self._layer_events is not None:
+            self._layer_events.reset_saves()
         if plan.delayed_free:
             self._transfers.mark_delayed(plan.delayed_free)
 

@@ -95,6 +95,8 @@ class Planner:
         hashes_per_block: entries of ``request.block_hashes`` per engine block (1 unless vLLM
             hashes at a finer granularity than it allocates).
         loads / saves: what the connector's mode allows.
+        async_loads: whether a hit is loaded while the request waits outside the batch
+            (``True``) or in the step that runs it (``False``, ``load_mode = "sync"``).
         min_lookup_blocks: fewest blocks worth a lookup.
         counters: where lookups are counted.
         lease_ttl_s: how long kvloft keeps a lease; a lease is reused for a repeated query
@@ -108,6 +110,7 @@ class Planner:
         hashes_per_block: int = 1,
         loads: bool = True,
         saves: bool = True,
+        async_loads: bool = True,
         min_lookup_blocks: int = 1,
         counters: ConnectorCounters | None = None,
         lease_ttl_s: float = 60.0,
@@ -120,6 +123,7 @@ class Planner:
         self.hashes_per_block = hashes_per_block
         self.loads = loads
         self.saves = saves
+        self.async_loads = async_loads
         self.min_lookup_blocks = min_lookup_blocks
         self.counters = counters or ConnectorCounters()
         self.lease_ttl_s = lease_ttl_s
@@ -164,7 +168,7 @@ class Planner:
             return 0, False
         now = self._clock()
         if t.lease and t.lease_start == start and now - t.lease_time < self.lease_ttl_s / 2:
-            return min(t.lease_hits, end - start) * b, True
+            return min(t.lease_hits, end - start) * b, self.async_loads
         self._release(t)
         client = self.link.client() if self._link_ok() else None
         if client is None:
@@ -182,7 +186,7 @@ class Planner:
         if hit.hits == 0:
             return 0, False
         t.lease, t.lease_start, t.lease_hits, t.lease_time = hit.lease, start, hit.hits, now
-        return hit.hits * b, True
+        return hit.hits * b, self.async_loads
 
     def after_alloc(self, request: RequestLike, block_ids: Sequence[int], num_external_tokens: int) -> None:
         """Plans the load of ``num_external_tokens`` into the blocks vLLM allocated."""

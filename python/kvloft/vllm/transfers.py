@@ -1,11 +1,23 @@
 """The worker side's transfers: loads and saves submitted to kvloft and their completions.
 
-Pure kvloft (no vLLM types), so it is tested against a real server without vLLM. Every load and
-save is asynchronous on kvloft's side: it is submitted in one step and its completion event is
-collected in a later :meth:`Transfers.poll`. The invariants:
+Pure kvloft (no vLLM types), so it is tested against a real server without vLLM. Every save is
+asynchronous on kvloft's side: it is submitted in one step and its completion event is collected
+in a later :meth:`Transfers.poll`. Loads come in two kinds:
 
-- A request's load is reported finished exactly once: loaded, or failed with its blocks listed
-  for recomputation (never partly used).
+- *Asynchronous* loads (``load_mode = "async"``): the request waits outside the batch, and its
+  load is reported finished in a later step.
+- *Synchronous* loads (``load_mode = "sync"``): the request runs in the step that loads it.
+  Each attention layer calls :meth:`Transfers.wait_layer` first. On a GPU that makes the compute
+  stream wait (on the GPU) for that layer's copy only, so later layers load while earlier ones
+  compute. On CPU the first layer waits until every load of the step completed. The step ends
+  (:meth:`Transfers.poll`) only once every synchronous load has its completion, so a load that
+  failed is reported in the step that used it.
+
+The invariants:
+
+- A request's load is reported exactly once: loaded, or failed with its blocks listed for
+  recomputation (never partly used). Asynchronous loads are reported finished (``recving``);
+  synchronous ones only through their failed blocks.
 - A finished request whose blocks vLLM keeps for its saves (``delayed_free``) is reported once
   its saves have completed (saved, present or failed), so vLLM never reuses a block kvloft may
   still be reading.
@@ -16,10 +28,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import KvloftError, ServerError
+from ..protocol import EVENT_LOAD_DONE, EVENT_LOAD_LAYERS
 from .link import Link, is_unreachable
 from .plan import LoadSpec, SaveSpec
 from .stats import ConnectorCounters
@@ -35,6 +49,10 @@ MAX_INFLIGHT_SAVES = 256
 class _Load:
     spec: LoadSpec
     started: float
+    #: A synchronous layer-wise load whose per-layer events kvloft has announced.
+    announced: bool = False
+    #: A synchronous load whose step ran without waiting for it: its blocks are recomputed.
+    unwaited: bool = False
 
 
 @dataclass
@@ -60,6 +78,8 @@ class Transfers:
         load_timeout_s: a load not complete after this long is reported failed (and its
             lease released), so the request is recomputed.
         counters: where completions are counted.
+        layer_events: with GPU memory, the worker's :class:`~kvloft.gpu.LayerEvents`:
+            synchronous loads are then layer-wise (the compute stream waits per layer).
     """
 
     def __init__(
@@ -68,12 +88,22 @@ class Transfers:
         load_timeout_s: float = 30.0,
         counters: ConnectorCounters | None = None,
         clock: Callable[[], float] = time.monotonic,
+        layer_events: Any = None,
     ) -> None:
         self.link = link
+        self.layer_events = layer_events
         self.load_timeout_s = load_timeout_s
         self.counters = counters or ConnectorCounters()
         self._clock = clock
         self._loads: dict[int, _Load] = {}
+        #: This step's synchronous loads, until their completion.
+        self._sync: dict[int, _Load] = {}
+        #: Every synchronous load of the step is announced (GPU) or complete (CPU).
+        self._sync_ready = True
+        #: This step submitted synchronous layer-wise loads: its attention layers wait for them.
+        self._step_loads = False
+        #: Some attention layer of the step waited (:meth:`wait_layer`).
+        self._waited = False
         self._saves: dict[int, _Save] = {}
         #: Saves in flight per request.
         self._pending: dict[str, int] = {}
@@ -84,28 +114,62 @@ class Transfers:
 
     # -- submission -------------------------------------------------------------------
 
-    def start_loads(self, loads: Iterable[LoadSpec]) -> None:
-        """Submits each load; a load kvloft cannot take fails at once."""
+    def start_loads(self, loads: Iterable[LoadSpec], sync: bool = False) -> None:
+        """Submits each load; a load kvloft cannot take fails at once. ``sync`` loads feed this
+        step's forward pass: every attention layer calls :meth:`wait_layer` before it reads
+        the cache, and :meth:`poll` waits for their completions."""
+        layerwise = sync and self.layer_events is not None
+        if sync:
+            self._finish_sync()  # a previous step's, should poll not have run
+            if self.layer_events is not None:
+                self.layer_events.clear_load()
         for spec in loads:
             client = self._client()
             if client is None:
-                self._fail_load(spec, "kvloft is unreachable")
+                self._fail_load(spec, "kvloft is unreachable", sync)
                 continue
             try:
-                rid = client.load(spec.lease, spec.block_ids, wait=False)
+                rid = client.load(spec.lease, spec.block_ids, wait=False, layerwise=layerwise)
             except KvloftError as e:
-                self._fail_load(spec, str(e))
+                self._fail_load(spec, str(e), sync)
                 self._on_error(e)
                 continue
             except OSError as e:
-                self._fail_load(spec, str(e))
+                self._fail_load(spec, str(e), sync)
                 self._on_error(e)
                 continue
-            self._loads[rid] = _Load(spec, self._clock())
+            (self._sync if sync else self._loads)[rid] = _Load(spec, self._clock())
+            if sync:
+                self._sync_ready = False
+                self._step_loads = layerwise
+        if sync and self.layer_events is None:
+            # CPU memory: kvloft's copy is done on the host, before the forward pass starts.
+            self._finish_sync()
 
-    def start_saves(self, saves: Iterable[SaveSpec], after_event: bytes | None = None) -> None:
+    def wait_layer(self, layer: int | None) -> None:
+        """Called before attention layer ``layer`` (its index among the registered layers;
+        ``None``: unknown, wait for all) reads the KV cache. In a step with layer-wise loads
+        (GPU memory), the first call waits on the host until kvloft has queued every copy of
+        the step, and every call makes the current stream wait, on the GPU, for the layer's
+        copy. (With CPU memory :meth:`start_loads` already waited for the whole loads.)"""
+        if not self._step_loads:
+            return
+        self._waited = True
+        if not self._sync_ready:
+            self._await_sync(lambda: all(load.announced for load in self._sync.values()))
+            self._sync_ready = True
+        if self.layer_events is not None:
+            self.layer_events.wait_load(layer)
+
+    def start_saves(
+        self,
+        saves: Iterable[SaveSpec],
+        after_event: bytes | None = None,
+        layer_events: Sequence[bytes] | None = None,
+    ) -> None:
         """Submits this step's saves as one kvloft request (a hash saved twice is sent once);
-        with GPU memory, ``after_event`` orders the copy after the step's kernels."""
+        with GPU memory, ``after_event`` orders the copy after the step's kernels, or
+        ``layer_events`` each layer's copy after the kernels that wrote that layer."""
         blocks: list[tuple[bytes, int]] = []
         seen: set[bytes] = set()
         req_ids: list[str] = []
@@ -126,7 +190,7 @@ class Transfers:
             self.counters.save(0, 0, len(blocks), 0.0)
             return
         try:
-            rid = client.save(blocks, wait=False, after_event=after_event)
+            rid = client.save(blocks, wait=False, after_event=after_event, layer_events=layer_events)
         except (KvloftError, OSError) as e:
             self.counters.save(0, 0, len(blocks), 0.0)
             self._on_error(e)
@@ -147,7 +211,10 @@ class Transfers:
 
     def poll(self, wait: float = 0.0) -> Finished:
         """Collects completions (waiting up to ``wait`` seconds for the first) and returns
-        the requests finished since the last call."""
+        the requests finished since the last call. Waits first for the completion of every
+        synchronous load of the step, so that a failed one is reported in the step that used
+        its blocks."""
+        self._finish_sync()
         self._collect(wait)
         self._expire_loads()
         done, self._done = self._done, Finished()
@@ -173,12 +240,12 @@ class Transfers:
     @property
     def in_flight(self) -> tuple[int, int]:
         """Loads and saves in flight."""
-        return len(self._loads), len(self._saves)
+        return len(self._loads) + len(self._sync), len(self._saves)
 
     def drain(self, timeout: float) -> None:
         """Waits up to ``timeout`` for everything in flight (at shutdown)."""
         deadline = self._clock() + timeout
-        while (self._loads or self._saves) and self._clock() < deadline:
+        while (self._loads or self._sync or self._saves) and self._clock() < deadline:
             self._collect(min(0.05, max(0.0, deadline - self._clock())))
 
     # -- internals ------------------------------------------------------------------
@@ -190,8 +257,36 @@ class Transfers:
             log.error("kvloft: %s; serving without kvloft", e)
             return None
 
+    def _finish_sync(self) -> None:
+        if self._step_loads and not self._waited:
+            # The forward pass never waited for the layer-wise copies (vLLM did not call
+            # wait_for_layer_load): it may have read blocks mid-copy, so they are recomputed.
+            log.error("kvloft: the step's attention layers did not wait for kvloft's loads; their blocks are "
+                      "recomputed (use load_mode = \"async\" with this model)")
+            for load in self._sync.values():
+                load.unwaited = True
+        if self._sync:
+            self._await_sync(lambda: not self._sync)
+        self._sync_ready = True
+        self._step_loads = False
+        self._waited = False
+
+    def _await_sync(self, ready: Callable[[], bool]) -> None:
+        """Collects events until ``ready()``; synchronous loads still short of it after
+        ``load_timeout_s`` fail (and their leases are released)."""
+        while self._sync and not ready():
+            oldest = min(load.started for load in self._sync.values())
+            remaining = oldest + self.load_timeout_s - self._clock()
+            if remaining <= 0:
+                for load in self._sync.values():
+                    self._fail_load(load.spec, f"no completion within {self.load_timeout_s} s", True)
+                    self._release(load.spec.lease)
+                self._sync.clear()
+                return
+            self._collect(min(0.05, remaining))
+
     def _collect(self, wait: float) -> None:
-        if not self._loads and not self._saves:
+        if not self._loads and not self._saves and not self._sync:
             return
         client = self.link.client() if self.link.up else None
         if client is None:
@@ -211,7 +306,9 @@ class Transfers:
         for event in events:
             body = event.body
             op = body.get("op")
-            if op == "load_done":
+            if event.request_id in self._sync:
+                self._sync_event(event.request_id, op, body, now)
+            elif op == EVENT_LOAD_DONE:
                 load = self._loads.pop(event.request_id, None)
                 if load is None:
                     continue  # a load already reported failed (timed out)
@@ -232,24 +329,55 @@ class Transfers:
                     log.debug("kvloft: %d blocks not saved: %s", failed, body.get("error"))
                 self._save_ended(save)
 
+    def _sync_event(self, rid: int, op: Any, body: dict[str, Any], now: float) -> None:
+        load = self._sync[rid]
+        if op == EVENT_LOAD_LAYERS:
+            if self.layer_events is None:
+                return
+            try:
+                self.layer_events.adopt_load(body.get("events") or [])
+            except (ValueError, RuntimeError) as e:
+                # The stream cannot wait for this load's layers: wait_layer waits on the host
+                # for its completion instead (it stays unannounced).
+                log.error("kvloft: cannot use the load's layer events (%s); waiting for the whole load", e)
+                return
+            load.announced = True
+            return
+        if op != EVENT_LOAD_DONE:
+            return
+        del self._sync[rid]
+        n = len(load.spec.block_ids)
+        if load.unwaited:
+            self._fail_load(load.spec, "the forward pass did not wait for it", True)
+        elif not body.get("error") and body.get("loaded") == n:
+            self.counters.load(n, now - load.started, True)
+        else:
+            self._fail_load(load.spec, str(body.get("error") or f"loaded {body.get('loaded')} of {n}"), True)
+
     def _expire_loads(self) -> None:
         now = self._clock()
         expired = [rid for rid, load in self._loads.items() if now - load.started > self.load_timeout_s]
         for rid in expired:
             load = self._loads.pop(rid)
             self._fail_load(load.spec, f"no completion within {self.load_timeout_s} s")
-            client = self.link.client() if self.link.up else None
-            if client is not None:
-                try:
-                    client.release(load.spec.lease)
-                except (KvloftError, OSError):
-                    pass
+            self._release(load.spec.lease)
+
+    def _release(self, lease: int) -> None:
+        client = self.link.client() if self.link.up else None
+        if client is not None:
+            try:
+                client.release(lease)
+            except (KvloftError, OSError):
+                pass
 
     def _connection_gone(self, why: str) -> None:
         """kvloft closed the connection: nothing in flight will complete."""
         for load in self._loads.values():
             self._fail_load(load.spec, why)
         self._loads.clear()
+        for load in self._sync.values():
+            self._fail_load(load.spec, why, True)
+        self._sync.clear()
         for save in self._saves.values():
             self.counters.save(0, 0, save.blocks, 0.0)
             self._save_ended(save)
@@ -266,11 +394,12 @@ class Transfers:
                 self._delayed.discard(r)
                 self._done.sending.add(r)
 
-    def _fail_load(self, spec: LoadSpec, why: str) -> None:
+    def _fail_load(self, spec: LoadSpec, why: str, sync: bool = False) -> None:
         log.warning("kvloft: load of %d blocks for request %s failed (%s); recomputing them", len(spec.block_ids), spec.req_id, why)
         self.counters.load(len(spec.block_ids), 0.0, False)
         self._failed_blocks.update(spec.block_ids)
-        self._done.recving.add(spec.req_id)
+        if not sync:
+            self._done.recving.add(spec.req_id)
 
     def _on_error(self, e: BaseException) -> None:
         self.counters.failure("transfer")
