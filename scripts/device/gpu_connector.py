@@ -164,6 +164,8 @@ class Worker:
         self.events = LayerEvents(len(layers), cache[0].device)
         self.transfers = Transfers(self.link, load_timeout_s=30.0, layer_events=self.events)
         self.enabled = True  # False: the layers do not wait (vLLM not calling wait_for_layer_load)
+        #: perf_counter when layer 0's wait returned (kvloft had queued the step's copies).
+        self.layer0_ready = 0.0
 
     def bind_connector_metadata(self) -> None:
         self.events.reset_saves()
@@ -174,6 +176,8 @@ class Worker:
     def wait_for_layer_load(self, layer: int) -> None:
         if self.enabled:
             self.transfers.wait_layer(layer)
+            if layer == 0:
+                self.layer0_ready = time.perf_counter()
 
     def save_kv_layer(self, layer: int) -> None:
         self.events.record_save(layer)
@@ -227,8 +231,13 @@ def main() -> None:
     ap.add_argument("--bin")
     ap.add_argument("--out")
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--prefix-blocks", type=int, default=128)
-    ap.add_argument("--chunk", type=int, default=1024, help="tokens of the chunk run after the prefix")
+    ap.add_argument("--prefix-blocks", default="128,512",
+                    help="prefix sizes in blocks for the load timings; the checks use the largest")
+    ap.add_argument("--chunk", type=int, default=4096, help="tokens of the chunk run after the prefix")
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--mlp", type=int, default=11008)
+    ap.add_argument("--config", help="kvloft serve --config (a topology keeping the shards off this process's CPUs)")
     ap.add_argument("--cpu-smoke", action="store_true")
     args = ap.parse_args()
     if args.cpu_smoke:
@@ -238,43 +247,62 @@ def main() -> None:
         ap.error("--bin and --out are needed (or --cpu-smoke)")
 
     import kvloft
-    from gpu_roundtrip import start_server
+    import subprocess
     from kvloft.vllm.plan import LoadSpec, SaveSpec
+
+    def start_server(binary: str, workdir: Path, pool: str) -> tuple[subprocess.Popen, str]:
+        sock = str(workdir / "kvloft.sock")
+        cmd = [binary, "serve", "--socket", sock, "--pool-size", pool, "--metrics-addr", "off"]
+        if args.config:
+            cmd += ["--config", args.config]
+        p = subprocess.Popen(cmd, stdout=open(workdir / "server.log", "wb"), stderr=subprocess.STDOUT)
+        for _ in range(600):
+            if os.path.exists(sock):
+                try:
+                    with kvloft.Client(sock, timeout=2.0):
+                        return p, sock
+                except kvloft.KvloftError:
+                    pass
+            if p.poll() is not None:
+                raise SystemExit(f"kvloft serve exited: {(workdir / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        raise SystemExit("kvloft serve did not start")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="kvl-conn-"))
-    server, sock = start_server(args.bin, work, "8GiB")
+    server, sock = start_server(args.bin, work, "16GiB")
     failures: list[str] = []
     report: dict = {}
     try:
         bs, layers = 16, 32
-        m = Model(layers=layers, hidden=2048, heads=16, kv_heads=8, mlp=5632, vocab=1000, block=bs, device="cuda",
-                  dtype=torch.float16)
-        nb = args.prefix_blocks
+        kv_heads, head_dim = 8, args.hidden // args.heads
+        m = Model(layers=layers, hidden=args.hidden, heads=args.heads, kv_heads=kv_heads, mlp=args.mlp, vocab=1000,
+                  block=bs, device="cuda", dtype=torch.float16)
+        sizes = sorted(int(x) for x in args.prefix_blocks.split(","))
+        nb = sizes[-1]
         prefix, chunk = nb * bs, args.chunk
         total_blocks = 2 * nb + 2 * (chunk // bs + 1) + 8
         a_blocks = list(range(0, nb + chunk // bs + 1))
         b_blocks = [total_blocks - 1 - i for i in range(nb + chunk // bs + 1)]  # other blocks, reversed
         g = torch.Generator(device="cpu").manual_seed(1)
         tokens = torch.randint(0, 1000, (prefix + chunk,), generator=g).cuda()
-        ns = kvloft.Namespace(model="gpu-connector-llama", dtype="float16", num_layers=layers, num_kv_heads=8,
-                              head_size=128, block_size=bs, layout="nhd")
+        ns = kvloft.Namespace(model="gpu-connector-llama", dtype="float16", num_layers=layers, num_kv_heads=kv_heads,
+                              head_size=head_dim, block_size=bs, layout="nhd")
         cache_a = m.new_cache(total_blocks, float("nan"))
         cache_b = m.new_cache(total_blocks, float("nan"))
         a = Worker(sock, "engine-a", ns, cache_a, total_blocks)
         b = Worker(sock, "engine-b", ns, cache_b, total_blocks)
         sched = kvloft.Client(sock, timeout=30.0, client_name="scheduler")
         sched.register_instance("engine-b", ns)
-        block_bytes = 2 * bs * 8 * 128 * 2  # K and V of one block, one layer
-        moved = nb * layers * block_bytes
+        block_bytes = 2 * bs * kv_heads * head_dim * 2  # K and V of one block, one layer
 
         # 1. Layer-wise save behind a GPU sleep per layer, submitted before the GPU is done.
         hashes = [os.urandom(32) for _ in range(nb)]
         saves = [SaveSpec("prefill", hashes, a_blocks[:nb])]
         with torch.no_grad():
             a.bind_connector_metadata()
-            m.forward(tokens[:prefix], 0, cache_a, a_blocks, hooks=a, sleep_cycles=2_000_000)  # ~1 ms per layer
+            m.forward(tokens[:prefix], 0, cache_a, a_blocks, hooks=a, sleep_cycles=10_000_000)  # ~5 ms per layer
             a.wait_for_save(saves)
             submitted_while_busy = not torch.cuda.current_stream().query()
             a.get_finished()
@@ -302,54 +330,69 @@ def main() -> None:
             torch.cuda.synchronize()
 
         # 2. Layer-wise load, then the chunk in the same step: logits bit-identical.
-        def layerwise_step() -> tuple[torch.Tensor, float, set[int]]:
+        def chunk_of(k: int) -> tuple[torch.Tensor, int]:
+            return tokens[k * bs:k * bs + chunk], k * bs
+
+        def layerwise_step(k: int = nb) -> tuple[torch.Tensor, float, float, set[int]]:
             poison_b()
-            hit = sched.lookup(hashes)
-            if hit.hits != nb:
-                raise SystemExit(f"lookup found {hit.hits} of {nb}")
+            hit = sched.lookup(hashes[:k])
+            if hit.hits != k:
+                raise SystemExit(f"lookup found {hit.hits} of {k}")
             t0 = time.perf_counter()
             b.bind_connector_metadata()
-            b.start_load_kv([LoadSpec("req", hit.lease, b_blocks[:nb])])
-            logits = m.forward(tokens[prefix:], prefix, cache_b, b_blocks, hooks=b)
+            b.start_load_kv([LoadSpec("req", hit.lease, b_blocks[:k])])
+            logits = m.forward(*chunk_of(k), cache_b, b_blocks, hooks=b)
             torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
             done = b.get_finished()
             if done.recving:
                 raise SystemExit(f"a synchronous load was reported as a finished receive: {done.recving}")
-            return logits, elapsed, b.transfers.take_failed_blocks()
+            return logits, elapsed, b.layer0_ready - t0, b.transfers.take_failed_blocks()
 
-        def whole_then_forward(forward: bool) -> float:
+        def whole_then_forward(k: int, forward: bool) -> float:
             poison_b()
-            hit = sched.lookup(hashes)
+            hit = sched.lookup(hashes[:k])
             client = b.link.client()
             t0 = time.perf_counter()
-            rid = client.load(hit.lease, b_blocks[:nb], wait=False)
+            rid = client.load(hit.lease, b_blocks[:k], wait=False)
             client.wait_event(rid, timeout=30)
             if forward:
-                m.forward(tokens[prefix:], prefix, cache_b, b_blocks)
+                m.forward(*chunk_of(k), cache_b, b_blocks)
             torch.cuda.synchronize()
             return time.perf_counter() - t0
 
-        def forward_only() -> float:
+        def forward_only(k: int) -> float:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            m.forward(tokens[prefix:], prefix, cache_b, b_blocks)
+            m.forward(*chunk_of(k), cache_b, b_blocks)
             torch.cuda.synchronize()
             return time.perf_counter() - t0
 
+        timings: list[dict] = []
         with torch.no_grad():
             layerwise_step()  # warm-up: opens the events, compiles kernels
-            whole_then_forward(True)
+            whole_then_forward(nb, True)
             equal, failed_any = [], set()
-            t_lw, t_seq, t_load, t_fwd = [], [], [], []
             for _ in range(args.reps):
-                logits, el, failed = layerwise_step()
+                logits, _, _, failed = layerwise_step()
                 equal.append(bool(torch.equal(logits, ref)))
                 failed_any |= failed
-                t_lw.append(el)
-                t_seq.append(whole_then_forward(True))
-                t_load.append(whole_then_forward(False))
-                t_fwd.append(forward_only())
+            for k in sizes:
+                t_lw, t_ready, t_seq, t_load, t_fwd = [], [], [], [], []
+                for _ in range(args.reps):
+                    _, el, ready, failed = layerwise_step(k)
+                    failed_any |= failed
+                    t_lw.append(el)
+                    t_ready.append(ready)
+                    t_seq.append(whole_then_forward(k, True))
+                    t_load.append(whole_then_forward(k, False))
+                    t_fwd.append(forward_only(k))
+                timings.append({
+                    "prefix_blocks": k, "layers": layers, "block_bytes_per_layer": block_bytes, "chunk_tokens": chunk,
+                    "load_bytes": k * layers * block_bytes, "chunk_forward_ms": median_ms(t_fwd),
+                    "whole_load_ms": median_ms(t_load), "load_then_forward_ms": median_ms(t_seq),
+                    "layerwise_step_ms": median_ms(t_lw), "layer0_ready_ms": median_ms(t_ready),
+                })
         report["layerwise_load"] = {"logits_equal": all(equal), "runs": len(equal), "failed_blocks": len(failed_any)}
         if not all(equal) or failed_any:
             failures.append(f"layer-wise load: logits equal in {sum(equal)} of {len(equal)} runs, "
@@ -360,7 +403,7 @@ def main() -> None:
         # 3. Layers that never wait: the step's load is reported failed.
         with torch.no_grad():
             b.enabled = False
-            _, _, failed = layerwise_step()
+            _, _, _, failed = layerwise_step()
             b.enabled = True
         report["unwaited_step_fails"] = failed == set(b_blocks[:nb])
         if not report["unwaited_step_fails"]:
@@ -400,15 +443,9 @@ def main() -> None:
         if counted["save_failed_blocks"]:
             failures.append(f"saves failed: {counted}")
 
-        timing = {
-            "prefix_blocks": nb, "layers": layers, "block_bytes_per_layer": block_bytes, "chunk_tokens": chunk,
-            "load_bytes": moved,
-            "chunk_forward_ms": median_ms(t_fwd), "whole_load_ms": median_ms(t_load),
-            "load_then_forward_ms": median_ms(t_seq), "layerwise_step_ms": median_ms(t_lw),
-            "prefill_ms": median_ms(s_fwd), "prefill_save_step_event_ms": median_ms(s_step),
-            "prefill_save_layer_events_ms": median_ms(s_layer),
-        }
-        report["timing"] = timing
+        report["timing"] = {"loads": timings, "saves": {
+            "prefix_blocks": nb, "layers": layers, "prefill_ms": median_ms(s_fwd),
+            "prefill_save_step_event_ms": median_ms(s_step), "prefill_save_layer_events_ms": median_ms(s_layer)}}
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -416,19 +453,14 @@ def main() -> None:
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                "unknown")
-    t = report["timing"]
+    loads, saves_t = report["timing"]["loads"], report["timing"]["saves"]
     cases = [
         {"name": "connector_layerwise_checks", "params": {k: v for k, v in report.items() if k != "timing"},
          "samples": 1},
         # Medians in milliseconds, in params (the report format has no field for them).
-        {"name": "connector_load_overlap", "samples": args.reps,
-         "params": {k: t[k] for k in ("prefix_blocks", "layers", "block_bytes_per_layer", "chunk_tokens", "load_bytes",
-                                      "chunk_forward_ms", "whole_load_ms", "load_then_forward_ms",
-                                      "layerwise_step_ms")},
-         "gbps": t["load_bytes"] / t["whole_load_ms"] / 1e6},
-        {"name": "connector_save_overlap", "samples": args.reps,
-         "params": {"prefix_blocks": nb, "layers": layers, **{k: t[k] for k in (
-             "prefill_ms", "prefill_save_step_event_ms", "prefill_save_layer_events_ms")}}},
+        *({"name": f"connector_load_overlap_{t['prefix_blocks']}", "samples": args.reps, "params": t,
+           "gbps": t["load_bytes"] / t["whole_load_ms"] / 1e6} for t in loads),
+        {"name": "connector_save_overlap", "samples": args.reps, "params": saves_t},
     ]
     doc = {
         "suite": "gpu-connector",
@@ -440,12 +472,14 @@ def main() -> None:
         "cases": cases,
     }
     (out / "gpu-connector.json").write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"\n{'what':44} {'ms':>8}")
-    for k in ("chunk_forward_ms", "whole_load_ms", "load_then_forward_ms", "layerwise_step_ms", "prefill_ms",
-              "prefill_save_step_event_ms", "prefill_save_layer_events_ms"):
-        print(f"{k:44} {t[k]:8.2f}")
-    print(f"load: {t['load_bytes'] / t['whole_load_ms'] / 1e6:.1f} GB/s; layer-wise step saves "
-          f"{t['load_then_forward_ms'] - t['layerwise_step_ms']:.2f} ms of {t['load_then_forward_ms']:.2f}")
+    print(f"\n{'prefix blocks':>13} {'MiB':>6} {'forward':>8} {'load':>7} {'GB/s':>5} {'load+fwd':>9} "
+          f"{'layerwise':>9} {'layer0':>7}  (ms, medians of {args.reps})")
+    for t in loads:
+        print(f"{t['prefix_blocks']:13} {t['load_bytes'] >> 20:6} {t['chunk_forward_ms']:8.2f} {t['whole_load_ms']:7.2f} "
+              f"{t['load_bytes'] / t['whole_load_ms'] / 1e6:5.1f} {t['load_then_forward_ms']:9.2f} "
+              f"{t['layerwise_step_ms']:9.2f} {t['layer0_ready_ms']:7.2f}")
+    print(f"prefill {saves_t['prefill_ms']:.2f} ms; with its save, one event: {saves_t['prefill_save_step_event_ms']:.2f} "
+          f"ms, per-layer events: {saves_t['prefill_save_layer_events_ms']:.2f} ms")
     if failures:
         print("FAILED: " + "; ".join(failures))
         sys.exit(1)
