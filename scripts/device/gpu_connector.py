@@ -172,8 +172,11 @@ class Worker:
 
     def start_load_kv(self, loads) -> None:
         self.transfers.start_loads(loads, sync=True)
+        self.submitted = time.perf_counter()
 
     def wait_for_layer_load(self, layer: int) -> None:
+        if layer == 0:
+            self.layer0_entered = time.perf_counter()
         if self.enabled:
             self.transfers.wait_layer(layer)
             if layer == 0:
@@ -347,6 +350,7 @@ def main() -> None:
             done = b.get_finished()
             if done.recving:
                 raise SystemExit(f"a synchronous load was reported as a finished receive: {done.recving}")
+            steps.append((b.submitted - t0, b.layer0_entered - t0))
             return logits, elapsed, b.layer0_ready - t0, b.transfers.take_failed_blocks()
 
         def whole_then_forward(k: int, forward: bool) -> float:
@@ -369,6 +373,7 @@ def main() -> None:
             return time.perf_counter() - t0
 
         timings: list[dict] = []
+        steps: list[tuple[float, float]] = []  # (submitted, layer 0 entered) per layer-wise step
         with torch.no_grad():
             layerwise_step()  # warm-up: opens the events, compiles kernels
             whole_then_forward(nb, True)
@@ -379,6 +384,7 @@ def main() -> None:
                 failed_any |= failed
             for k in sizes:
                 t_lw, t_ready, t_seq, t_load, t_fwd = [], [], [], [], []
+                steps.clear()
                 for _ in range(args.reps):
                     _, el, ready, failed = layerwise_step(k)
                     failed_any |= failed
@@ -392,6 +398,8 @@ def main() -> None:
                     "load_bytes": k * layers * block_bytes, "chunk_forward_ms": median_ms(t_fwd),
                     "whole_load_ms": median_ms(t_load), "load_then_forward_ms": median_ms(t_seq),
                     "layerwise_step_ms": median_ms(t_lw), "layer0_ready_ms": median_ms(t_ready),
+                    "submitted_ms": median_ms([x for x, _ in steps]),
+                    "layer0_entered_ms": median_ms([y for _, y in steps]),
                 })
         report["layerwise_load"] = {"logits_equal": all(equal), "runs": len(equal), "failed_blocks": len(failed_any)}
         if not all(equal) or failed_any:
@@ -477,7 +485,8 @@ def main() -> None:
     for t in loads:
         print(f"{t['prefix_blocks']:13} {t['load_bytes'] >> 20:6} {t['chunk_forward_ms']:8.2f} {t['whole_load_ms']:7.2f} "
               f"{t['load_bytes'] / t['whole_load_ms'] / 1e6:5.1f} {t['load_then_forward_ms']:9.2f} "
-              f"{t['layerwise_step_ms']:9.2f} {t['layer0_ready_ms']:7.2f}")
+              f"{t['layerwise_step_ms']:9.2f} {t['layer0_ready_ms']:7.2f}  (submitted {t['submitted_ms']:.2f}, "
+              f"layer 0 entered {t['layer0_entered_ms']:.2f})")
     print(f"prefill {saves_t['prefill_ms']:.2f} ms; with its save, one event: {saves_t['prefill_save_step_event_ms']:.2f} "
           f"ms, per-layer events: {saves_t['prefill_save_layer_events_ms']:.2f} ms")
     if failures:
