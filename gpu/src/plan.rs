@@ -241,18 +241,6 @@ impl Planner {
         let ctas = (sms * CTAS_PER_SM).min(u32::try_from(ranges.len()).unwrap_or(u32::MAX)).max(1);
         Plan { method: Method::Kernel { ctas, threads: KERNEL_THREADS }, ranges }
     }
-
-    /// The plan for a copy that runs beside the inference engine's compute (a layer-wise load
-    /// or save, overlapped with the forward pass): the copy engines, whatever the ranges. A copy
-    /// kernel's CTAs would wait for the SMs the engine's kernels hold, and slow those kernels when
-    /// they get them (measured on the H100: a 1 GiB layer-wise load ran 47 ms beside a forward
-    /// pass through the kernel against 21 ms alone; bench/results/2026-11-25-h100-gpu-connector*).
-    pub fn plan_beside_compute(&self, ranges: &[Range], d2h: bool) -> Plan {
-        let merged = merge(ranges);
-        let total: u64 = merged.iter().map(|r| r.len).sum();
-        let average = if merged.is_empty() { 0 } else { total / merged.len() as u64 };
-        Plan { method: self.dma_method(merged.len(), average, d2h), ranges: merged }
-    }
 }
 
 impl Planner {
@@ -358,21 +346,6 @@ mod tests {
         assert_eq!(Planner::default().plan(&few, true).method, Method::Dma);
         let small: Vec<Range> = (0..100u64).map(|i| r(i << 30, (99 - i) << 20, 4096)).collect();
         assert_eq!(Planner { sm_budget: 0, ..Planner::default() }.plan(&small, true).method, Method::Dma);
-    }
-
-    #[test]
-    fn copies_beside_compute_take_the_copy_engines() {
-        let ranges: Vec<Range> = (0..1000u64).map(|i| r(i * 1_000_000, (999 - i) * 16384, 16384)).collect();
-        let planner = Planner { dma_batch: true, ..Planner::default() };
-        assert!(matches!(planner.plan(&ranges, false).method, Method::Kernel { .. }), "alone: the kernel");
-        let p = planner.plan_beside_compute(&ranges, false);
-        assert_eq!(p.method, Method::DmaBatch);
-        assert_eq!(p.bytes(), 1000 * 16384);
-        let adjacent: Vec<Range> = (0..4u64).map(|b| r(b * 4096, b * 4096, 4096)).collect();
-        assert_eq!(
-            planner.plan_beside_compute(&adjacent, true),
-            Plan { method: Method::Dma, ranges: vec![r(0, 0, 16384)] }
-        );
     }
 
     #[test]

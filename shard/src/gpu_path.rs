@@ -426,8 +426,8 @@ impl<'a> CopyRun<'a> {
         Ok(())
     }
 
-    /// Plans and queues `items` layer by layer (layer 0 of every block first) on the copy
-    /// engines; layer `i` is queued once the worker's `waits[i]` has fired (a layer-wise save). While it waits for an
+    /// Plans and queues `items` layer by layer (layer 0 of every block first); layer `i` is
+    /// queued once the worker's `waits[i]` has fired (a layer-wise save). While it waits for an
     /// event that has not fired, it gives the copier's `turn` back, so that other requests copy
     /// meanwhile and a worker that dies mid-save holds up no one (decision 48).
     async fn push_layers_after(
@@ -443,7 +443,7 @@ impl<'a> CopyRun<'a> {
                 let permit = self.slot.turn.acquire_permit(1).await.map_err(|e| format!("copier closed: {e}"))?;
                 *turn = Some(permit);
             }
-            let plan = self.planner.plan_beside_compute(&self.mem.layer_ranges(items, layer, self.d2h), self.d2h);
+            let plan = self.planner.plan(&self.mem.layer_ranges(items, layer, self.d2h), self.d2h);
             for part in plan.ranges.chunks(COPIER_RANGES) {
                 submit_marked(self.slot, &Plan { method: plan.method, ranges: part.to_vec() }, &[]).await?;
             }
@@ -453,13 +453,12 @@ impl<'a> CopyRun<'a> {
 
     /// Plans and queues `items` layer by layer, recording `marks[i]` behind layer `i`'s copy
     /// (a layer-wise load). Consecutive layers share a batch while they fit, so a load of a
-    /// step's blocks is queued at once and the worker can wait on every layer's event soon. Like
-    /// a layer-wise save, it runs beside the engine's forward pass, so on the copy engines.
+    /// step's blocks is queued at once and the worker can wait on every layer's event soon.
     async fn push_layers_marked(&self, items: &[(u32, u64)], marks: &[Arc<SharedEvent>]) -> Result<(), String> {
         let mut batch: Option<Plan> = None;
         let mut cuts: Vec<(usize, &SharedEvent)> = Vec::new();
         for (layer, event) in marks.iter().enumerate() {
-            let plan = self.planner.plan_beside_compute(&self.mem.layer_ranges(items, layer, self.d2h), self.d2h);
+            let plan = self.planner.plan(&self.mem.layer_ranges(items, layer, self.d2h), self.d2h);
             let fits = batch
                 .as_ref()
                 .is_some_and(|b| b.method == plan.method && b.ranges.len() + plan.ranges.len() <= COPIER_RANGES);
