@@ -395,6 +395,7 @@ fn gpu_curves(args: &CalibrateArgs) -> Result<Option<(Vec<CopyCurvePoint>, Repor
         server_spin_us: None,
         client_spin_us: 0,
         server_shards: None,
+        server_hugepages: false,
         write_calibration: None,
         // The copy curves' methods only.
         methods: ["kernel", "dma", "dma_batch"].map(String::from).to_vec(),

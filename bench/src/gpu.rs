@@ -82,6 +82,11 @@ pub struct GpuArgs {
     /// CPUs), leaving the others to this process and the GPU driver; all of them when not given.
     #[arg(long)]
     pub server_shards: Option<usize>,
+    /// Backs the pool of the server `--server` starts with 2 MiB hugepages (`[memory]
+    /// hugepages`), where enough are reserved; the server falls back to 4 KiB pages and says so
+    /// in its log otherwise.
+    #[arg(long)]
+    pub server_hugepages: bool,
     /// Also writes the in-process measurements of the three GPU copy methods as copy curves into
     /// the `[calibration]` section of this topology file (created when missing; the rest of the
     /// file kept), for the copy planner of a server started with it.
@@ -573,6 +578,7 @@ fn server_config(args: &GpuArgs) -> Result<tempfile::NamedTempFile, GpuBenchErro
         kvloft_topology::validate::embedded_default(&machine).map_err(|d| GpuBenchError::Args(d.to_string()))?.topology;
     topology.copy.sm_budget = args.sm_budget;
     topology.copy.staging_bytes = args.staging_bytes;
+    topology.memory.hugepages = args.server_hugepages;
     if let Some(us) = args.server_spin_us {
         topology.server.spin_us = us;
     }

@@ -172,6 +172,118 @@ pub fn slot_runs(slots: impl IntoIterator<Item = u64>, slice_bytes: u64, staging
     merge(&ranges)
 }
 
+/// One registered layer's share of every pool slot in a layer-wise block copy: bytes
+/// `offset..offset + bytes` of a slot, moved by `pieces` of a [`LayerTemplate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Band {
+    /// The layer's pieces: indices into [`LayerTemplate::pieces`].
+    pub pieces: std::ops::Range<usize>,
+    /// Offset of the layer's bytes in a slot.
+    pub offset: u64,
+    /// Bytes of the layer in a slot (one block's layer).
+    pub bytes: u64,
+}
+
+/// The template of a layer-wise block copy: like [`BlockTemplate`], but no piece spans two
+/// layers, and the pieces come grouped by layer ([`Band`]), so the GPU can move one layer of every
+/// block at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerTemplate {
+    /// Every layer's pieces, layer by layer; offsets are from the slot's start.
+    pub pieces: Vec<Piece>,
+    /// One band per registered layer, in order.
+    pub bands: Vec<Band>,
+    /// Bytes of one block's slice (one pool slot).
+    pub slice_bytes: u64,
+}
+
+impl LayerTemplate {
+    /// The template of `layers` (as [`BlockTemplate::new`], one layer at a time).
+    pub fn new(layers: &[LayerMemory], chunk_bytes: u64) -> Self {
+        let mut pieces = Vec::new();
+        let mut bands = Vec::with_capacity(layers.len());
+        let mut offset = 0u64;
+        for l in layers {
+            let one = BlockTemplate::new(std::slice::from_ref(l), chunk_bytes);
+            let start = pieces.len();
+            pieces.extend(one.pieces.iter().map(|p| Piece { pool: p.pool + offset, ..*p }));
+            bands.push(Band { pieces: start..pieces.len(), offset, bytes: one.slice_bytes });
+            offset += one.slice_bytes;
+        }
+        LayerTemplate { pieces, bands, slice_bytes: offset }
+    }
+
+    /// The ranges a layer-wise copy of band `layer` moves for `pairs` (for tests and checks).
+    pub fn expand_band(&self, layer: usize, pairs: &[BlockPair], d2h: bool) -> Vec<Range> {
+        let t = BlockTemplate {
+            pieces: self.pieces[self.bands[layer].pieces.clone()].to_vec(),
+            slice_bytes: self.slice_bytes,
+            merged_average: 0,
+        };
+        t.expand(pairs, d2h)
+    }
+}
+
+/// A pitched copy on the copy engines (`cuMemcpy2DAsync`): `height` rows of `width` bytes, row
+/// `r` from `src + r * src_pitch` to `dst + r * dst_pitch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PitchedCopy {
+    /// First source byte.
+    pub src: u64,
+    /// Bytes from one source row to the next.
+    pub src_pitch: u64,
+    /// First destination byte.
+    pub dst: u64,
+    /// Bytes from one destination row to the next.
+    pub dst_pitch: u64,
+    /// Bytes of a row.
+    pub width: u64,
+    /// Rows.
+    pub height: u64,
+}
+
+impl PitchedCopy {
+    /// The copy as one range per row (for tests and checks).
+    pub fn rows(&self) -> impl Iterator<Item = Range> + '_ {
+        (0..self.height).map(|r| Range {
+            src: self.src + r * self.src_pitch,
+            dst: self.dst + r * self.dst_pitch,
+            len: self.width,
+        })
+    }
+}
+
+/// The copy-engine copies of one chunk of a layer-wise staged copy: block `i` of `slots` has its
+/// `band` at `staging + i * band.bytes` in the staging buffer and at `slot + band.offset` in the
+/// pool, whose slots are `slice_bytes` long. Slots that follow each other make one pitched copy
+/// (a row per block), so a chunk costs the copy engines a descriptor per run of slots, not per
+/// block. `d2h` moves staging to pool (a save), else pool to staging.
+pub fn band_copies(
+    slots: impl IntoIterator<Item = u64>,
+    slice_bytes: u64,
+    band: &Band,
+    staging: u64,
+    d2h: bool,
+) -> Vec<PitchedCopy> {
+    let mut out: Vec<PitchedCopy> = Vec::new();
+    let mut last_slot = None;
+    for (i, slot) in slots.into_iter().enumerate() {
+        let s = staging + i as u64 * band.bytes;
+        let continues = last_slot.is_some_and(|l: u64| l.checked_add(slice_bytes) == Some(slot));
+        last_slot = Some(slot);
+        match out.last_mut() {
+            Some(run) if continues => run.height += 1,
+            _ => {
+                let pool = slot + band.offset;
+                let (src, src_pitch, dst, dst_pitch) =
+                    if d2h { (s, band.bytes, pool, slice_bytes) } else { (pool, slice_bytes, s, band.bytes) };
+                out.push(PitchedCopy { src, src_pitch, dst, dst_pitch, width: band.bytes, height: 1 });
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,6 +369,81 @@ mod tests {
                 assert!(c.iter().all(|&x| (1..=cap).contains(&x)));
             }
         }
+    }
+
+    #[test]
+    fn layer_templates_move_each_layer_and_all_of_them_the_whole_slot() {
+        let nhd: Vec<LayerMemory> = (0..4u64).map(|i| layer(i << 32, 2, 8192, 100 * 8192, 8192)).collect();
+        let cross: Vec<LayerMemory> = (0..4u64).map(|i| layer((1 << 40) + i * 4096, 1, 4 * 4096, 0, 4096)).collect();
+        let pairs = [BlockPair::new(7, 1 << 30), BlockPair::new(0, 3 << 30), BlockPair::new(99, 2 << 30)];
+        for layers in [&nhd, &cross] {
+            let t = LayerTemplate::new(layers, 1 << 20);
+            assert_eq!(t.bands.len(), layers.len());
+            assert_eq!(t.slice_bytes, BlockTemplate::new(layers, 1 << 20).slice_bytes);
+            for d2h in [true, false] {
+                let mut all = Vec::new();
+                for (i, band) in t.bands.iter().enumerate() {
+                    let one = t.expand_band(i, &pairs, d2h);
+                    // Each layer stays inside its band of every slot.
+                    for r in &one {
+                        let pool = if d2h { r.dst } else { r.src };
+                        let slot = pairs.iter().map(|p| p.slot).filter(|&s| s <= pool).max().unwrap();
+                        assert!(pool - slot >= band.offset && pool - slot + r.len <= band.offset + band.bytes);
+                    }
+                    // And moves exactly what the whole copy moves inside that band.
+                    let in_band: Vec<Range> = cpu_ranges(layers, &pairs, d2h)
+                        .into_iter()
+                        .filter(|r| {
+                            let pool = if d2h { r.dst } else { r.src };
+                            let slot = pairs.iter().map(|p| p.slot).filter(|&s| s <= pool).max().unwrap();
+                            (band.offset..band.offset + band.bytes).contains(&(pool - slot))
+                        })
+                        .collect();
+                    assert_eq!(bytes_moved(&one), bytes_moved(&in_band));
+                    all.extend(one);
+                }
+                assert_eq!(bytes_moved(&all), bytes_moved(&cpu_ranges(layers, &pairs, d2h)));
+            }
+        }
+    }
+
+    #[test]
+    fn following_slots_make_one_pitched_copy() {
+        let s = 512 << 10;
+        let band = Band { pieces: 0..2, offset: 3 * 16384, bytes: 16384 };
+        let st = 1 << 40;
+        let copies = band_copies([10 * s, 11 * s, 12 * s, 40 * s], s, &band, st, false);
+        assert_eq!(
+            copies,
+            vec![
+                PitchedCopy {
+                    src: 10 * s + 3 * 16384,
+                    src_pitch: s,
+                    dst: st,
+                    dst_pitch: 16384,
+                    width: 16384,
+                    height: 3
+                },
+                PitchedCopy {
+                    src: 40 * s + 3 * 16384,
+                    src_pitch: s,
+                    dst: st + 3 * 16384,
+                    dst_pitch: 16384,
+                    width: 16384,
+                    height: 1
+                },
+            ]
+        );
+        // A save is the mirror image, and the rows are exactly the band of each slot.
+        let copies = band_copies([10 * s, 11 * s, 12 * s, 40 * s], s, &band, st, true);
+        let rows: Vec<Range> = copies.iter().flat_map(|c| c.rows().collect::<Vec<_>>()).collect();
+        let want: Vec<Range> = [10, 11, 12, 40]
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| Range { src: st + i as u64 * 16384, dst: k * s + 3 * 16384, len: 16384 })
+            .collect();
+        assert_eq!(rows, want);
+        assert!(band_copies([], s, &band, st, true).is_empty());
     }
 
     #[test]

@@ -256,6 +256,21 @@ impl Planner {
         }
     }
 
+    /// The block kernel's launch for the scatter or gather half of a layer-wise staged copy
+    /// ([`crate::cuda::Copier::submit_layers`]) of `blocks` blocks with at most
+    /// `pieces_per_layer` pieces in a layer, or `None` without an SM budget. That kernel only
+    /// moves one layer within device memory at a time (the copy engines carry PCIe), so it wins
+    /// whatever the runs; the budget bounds its CTAs as for every kernel.
+    pub fn layer_kernel(&self, pieces_per_layer: usize, blocks: usize) -> Option<Method> {
+        let sms = self.sm_budget.min(self.sm_count);
+        let work = pieces_per_layer.saturating_mul(blocks);
+        if sms == 0 || work == 0 {
+            return None;
+        }
+        let ctas = (sms * CTAS_PER_SM).min(u32::try_from(work).unwrap_or(u32::MAX)).max(1);
+        Some(Method::Kernel { ctas, threads: KERNEL_THREADS })
+    }
+
     /// The block kernel's launch for `blocks` blocks shaped like `template`
     /// ([`crate::blocks`]), or `None` where the planner sends such a batch to the copy engines
     /// (no SM budget, too few pieces, or runs that average at least `dma_min_bytes`): the same

@@ -266,8 +266,12 @@ def ordering_test(sock: str) -> dict:
             results["after_event"], "without_event_correct": results["no_event"]}
 
 
-def layerwise_test(sock: str, batch: int = 256, block_bytes: int = 16 << 10) -> dict:
-    """Layer-wise save and load (nhd, 32 layers), each checked byte for byte.
+def layerwise_test(sock: str, layout: str = "nhd", batch: int = 256, block_bytes: int = 16 << 10,
+                   sleep_cycles: int = 20_000_000) -> dict:
+    """Layer-wise save and load (32 layers of ``layout``), each checked byte for byte.
+
+    The worker's blocks A and the blocks B loaded into are shuffled block ids, so the copies'
+    block-to-slot mapping is checked, not only contiguous runs.
 
     Save: the worker writes layer i of blocks A on a side stream behind a GPU sleep per layer and
     records interprocess event i after it; the save is sent at once with the per-layer events
@@ -277,25 +281,31 @@ def layerwise_test(sock: str, batch: int = 256, block_bytes: int = 16 << 10) -> 
     every snapshot must equal A's bytes. Reports the time from the load request to the events
     (when layer 0 may be read) and to ``load_done``."""
     nb = 2 * batch
-    tensors, _owner = make_cache("nhd", nb, block_bytes)
+    tensors, _owner = make_cache(layout, nb, block_bytes)
     for t in tensors:
         t.zero_()
     gen = torch.Generator(device="cuda").manual_seed(11)
-    expected = [torch.randint(0, 256, (2, batch, block_bytes // 2), dtype=torch.uint8, device="cuda", generator=gen)
-                for _ in range(LAYERS)]
+    shape = (2, batch, block_bytes // 2) if layout == "nhd" else (batch, block_bytes)
+    expected = [torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda", generator=gen) for _ in range(LAYERS)]
     torch.cuda.synchronize()
     layers, ipc, uuid = cuda_layers(tensors, nb)
     c = kvloft.Client(sock, timeout=30)
-    c.register_instance("layerwise", namespace("nhd", block_bytes))
+    c.register_instance(f"layerwise-{layout}-{block_bytes}", namespace(layout, block_bytes))
     c.register_memory(0, layers, device="cuda:0", gpu_uuid=uuid, ipc=ipc)
-    a = torch.arange(batch, device="cuda")
-    b = a + batch
+    a = torch.randperm(batch, device="cuda", generator=gen)
+    b = torch.randperm(batch, device="cuda", generator=gen) + batch
+
+    def put(t: torch.Tensor, ids: torch.Tensor, value) -> None:
+        if layout == "nhd":
+            t[:, ids] = value
+        else:
+            t[ids] = value
     side = torch.cuda.Stream()
     events = [torch.cuda.Event(interprocess=True) for _ in range(LAYERS)]
     with torch.cuda.stream(side):
         for i, t in enumerate(tensors):
-            torch.cuda._sleep(20_000_000)  # about 10 ms of GPU time per layer
-            t[:, a] = expected[i]
+            torch.cuda._sleep(sleep_cycles)  # 20M cycles: about 10 ms of GPU time per layer
+            put(t, a, expected[i])
             events[i].record(side)
     hashes = [os.urandom(32) for _ in range(batch)]
     t0 = time.perf_counter()
@@ -305,7 +315,7 @@ def layerwise_test(sock: str, batch: int = 256, block_bytes: int = 16 << 10) -> 
     if done["saved"] != batch:
         raise SystemExit(f"layerwise save: {done}")
     for t in tensors:
-        t[:, b] = 0xA5
+        put(t, b, 0xA5)
     torch.cuda.synchronize()
     results = {"save_ok": True, "save_ms": save_s * 1e3}
     opened: dict[bytes, torch.cuda.Event] = {}
@@ -313,7 +323,7 @@ def layerwise_test(sock: str, batch: int = 256, block_bytes: int = 16 << 10) -> 
     for _ in range(3):
         hit = c.lookup(hashes)
         for t in tensors:
-            t[:, b] = 0xA5
+            put(t, b, 0xA5)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         rid = c.load(hit.lease, b.tolist(), wait=False, layerwise=True)
@@ -326,7 +336,7 @@ def layerwise_test(sock: str, batch: int = 256, block_bytes: int = 16 << 10) -> 
                 if h not in opened:
                     opened[h] = torch.cuda.Event.from_ipc_handle(torch.cuda.current_device(), h)
                 reader.wait_event(opened[h])
-                snaps.append(tensors[i][:, b].clone())
+                snaps.append(block_view(tensors[i], layout, b).clone())
         reader.synchronize()
         c.wait_event(rid)
         to_done.append(time.perf_counter() - t0)
@@ -338,11 +348,12 @@ def layerwise_test(sock: str, batch: int = 256, block_bytes: int = 16 << 10) -> 
     })
     # Save reads the bytes written behind each layer's event: load them back plainly and compare.
     for t in tensors:
-        t[:, b] = 0xA5
+        put(t, b, 0xA5)
     hit = c.lookup(hashes)
     c.load(hit.lease, b.tolist())
-    results["save_ok"] = all(torch.equal(t[:, b], e) for t, e in zip(tensors, expected))
-    print(f"layerwise: save behind per-layer events read the new bytes: {results['save_ok']}; layer-wise load "
+    results["save_ok"] = all(torch.equal(block_view(t, layout, b), e) for t, e in zip(tensors, expected))
+    results["layout"] = layout
+    print(f"layerwise {layout}: save behind per-layer events read the new bytes: {results['save_ok']}; layer-wise load "
           f"snapshots equal: {results['load_ok']}; events after {results['load_to_events_ms']:.2f} ms, load_done "
           f"after {results['load_to_done_ms']:.2f} ms ({batch} blocks x {LAYERS} layers x {block_bytes >> 10} KiB)",
           flush=True)
@@ -369,7 +380,13 @@ def main() -> None:
     try:
         model = {"skipped": "--no-model"} if args.no_model else model_test(sock)
         model["ordering"] = ordering_test(sock)
-        model["layerwise"] = layerwise_test(sock)
+        # Every layout at 16 KiB; 256 KiB blocks (a 4 MiB layer per 16 blocks) for two of them.
+        lw = [layerwise_test(sock, layout) for layout in ("nhd", "hnd", "mla", "cross_layer")]
+        lw += [layerwise_test(sock, layout, batch=64, block_bytes=256 << 10, sleep_cycles=2_000_000)
+               for layout in ("nhd", "cross_layer")]
+        model["layerwise"] = lw
+        if not all(r["save_ok"] and r["load_ok"] for r in lw):
+            raise SystemExit(f"layer-wise copies differ: {[(r['layout'], r['block_bytes']) for r in lw if not (r['save_ok'] and r['load_ok'])]}")
         blocks = [int(k) << 10 for k in args.block_kib.split(",")]
         batches = [int(b) for b in args.batches.split(",")]
         if args.quick:

@@ -25,8 +25,10 @@ use kvloft_engine::index::Reserved;
 use kvloft_engine::key::{BlockHash, BlockKey, SliceKey};
 use kvloft_engine::namespace::NamespaceId;
 use kvloft_engine::slab::Slot;
-use kvloft_gpu::blocks::{BlockPair, BlockTemplate};
-use kvloft_gpu::cuda::{BlockJob, Copier, CudaError, CudaMemory, Device, HostRegistration, IpcEvent, SharedEvent};
+use kvloft_gpu::blocks::{BlockPair, BlockTemplate, LayerTemplate};
+use kvloft_gpu::cuda::{
+    BlockJob, Copier, CudaError, CudaMemory, Device, HostRegistration, IpcEvent, LayerJob, SharedEvent,
+};
 use kvloft_gpu::plan::{CurveMethod, Planner};
 use kvloft_gpu::plan::{Method, Plan};
 use kvloft_topology::model::{CopyDirection, CopyMethod, Topology};
@@ -436,12 +438,17 @@ impl<'a> CopyRun<'a> {
         waits: &[Arc<IpcEvent>],
         turn: &mut Option<glommio::sync::Permit<'a>>,
     ) -> Result<(), String> {
+        let staged = self.layer_staged(items);
         for (layer, event) in waits.iter().enumerate() {
             if !event.fired().unwrap_or(false) {
                 *turn = None;
                 fired(event, &format!("layer {layer}'s event")).await?;
                 let permit = self.slot.turn.acquire_permit(1).await.map_err(|e| format!("copier closed: {e}"))?;
                 *turn = Some(permit);
+            }
+            if let Some(staged) = &staged {
+                submit_layers(self.slot, &staged.job(layer..layer + 1, &[], self.d2h)).await?;
+                continue;
             }
             let plan = self.planner.plan(&self.mem.layer_ranges(items, layer, self.d2h), self.d2h);
             for part in plan.ranges.chunks(COPIER_RANGES) {
@@ -451,10 +458,37 @@ impl<'a> CopyRun<'a> {
         Ok(())
     }
 
+    /// How this run moves `items` layer by layer through the staging buffer
+    /// ([`Copier::submit_layers`]: copy engines over PCIe, the kernel within device memory), or
+    /// `None` where it cannot: no SM budget, no staging buffer or one too small for a block's
+    /// layer, or more blocks than one batch's table holds. Then layer-wise copies take the
+    /// planner's ranges as before.
+    fn layer_staged(&self, items: &[(u32, u64)]) -> Option<LayerStaged> {
+        let template = LayerTemplate::new(self.mem.layers(), self.planner.chunk_bytes.max(1));
+        let copier = self.slot.copier.borrow();
+        if !copier.stages_layers(&template.bands) || items.len() > copier.block_capacity(template.pieces.len()) {
+            return None;
+        }
+        let widest = template.bands.iter().map(|b| b.pieces.len()).max().unwrap_or(0);
+        let Some(Method::Kernel { ctas, threads }) = self.planner.layer_kernel(widest, items.len()) else {
+            return None;
+        };
+        let mut pairs: Vec<BlockPair> = items.iter().map(|&(block, slot)| BlockPair::new(block, slot)).collect();
+        // Following slots make one pitched copy per run.
+        pairs.sort_unstable_by_key(|p| p.slot);
+        Some(LayerStaged { template, pairs, ctas, threads })
+    }
+
     /// Plans and queues `items` layer by layer, recording `marks[i]` behind layer `i`'s copy
     /// (a layer-wise load). Consecutive layers share a batch while they fit, so a load of a
     /// step's blocks is queued at once and the worker can wait on every layer's event soon.
     async fn push_layers_marked(&self, items: &[(u32, u64)], marks: &[Arc<SharedEvent>]) -> Result<(), String> {
+        if let Some(staged) = self.layer_staged(items) {
+            let marks: Vec<(usize, &SharedEvent)> = marks.iter().enumerate().map(|(i, e)| (i, &**e)).collect();
+            // Every layer moves; the caller checked there is one mark per layer.
+            let layers = 0..staged.template.bands.len();
+            return submit_layers(self.slot, &staged.job(layers, &marks, self.d2h)).await;
+        }
         let mut batch: Option<Plan> = None;
         let mut cuts: Vec<(usize, &SharedEvent)> = Vec::new();
         for (layer, event) in marks.iter().enumerate() {
@@ -542,6 +576,50 @@ async fn submit_marked(slot: &CopySlot, plan: &Plan, marks: &[(usize, &SharedEve
     // caller's `CudaMemory` until the copy is done) and pool slots registered with this GPU that
     // the owners keep reserved (save) or pinned (load) until the run has finished.
     unsafe { copier.submit_marked(plan, marks) }.map_err(|e| e.to_string())
+}
+
+/// A layer-wise copy through the staging buffer: its template, its blocks (sorted by slot) and
+/// the kernel's launch.
+struct LayerStaged {
+    template: LayerTemplate,
+    pairs: Vec<BlockPair>,
+    ctas: u32,
+    threads: u32,
+}
+
+impl LayerStaged {
+    /// The copier's job for `layers`, recording `marks`.
+    fn job<'j>(
+        &'j self,
+        layers: std::ops::Range<usize>,
+        marks: &'j [(usize, &'j SharedEvent)],
+        d2h: bool,
+    ) -> LayerJob<'j> {
+        LayerJob {
+            pieces: &self.template.pieces,
+            bands: &self.template.bands,
+            pairs: &self.pairs,
+            slice_bytes: self.template.slice_bytes,
+            layers,
+            marks,
+            d2h,
+            ctas: self.ctas,
+            threads: self.threads,
+        }
+    }
+}
+
+/// Queues layer-wise copy `job` once the copier has a free batch slot (waiting without blocking
+/// the shard).
+async fn submit_layers(slot: &CopySlot, job: &LayerJob<'_>) -> Result<(), String> {
+    while !slot.copier.borrow_mut().ready().map_err(|e| e.to_string())? {
+        glommio::timer::sleep(POLL).await;
+    }
+    let mut copier = slot.copier.borrow_mut();
+    // SAFETY: as in `submit_blocks`: the pieces address the engine's IPC-mapped KV cache within
+    // its registered layers (every block id was checked against them), and the slots are pool
+    // slots registered with this GPU that the owners keep reserved or pinned until the run ends.
+    unsafe { copier.submit_layers(job) }.map_err(|e| e.to_string())
 }
 
 /// Queues block copy `job` once the copier has a free batch slot (waiting without blocking the

@@ -4,7 +4,7 @@ use super::device::Device;
 use super::kernel::Kernel;
 use super::memory::{DeviceBuffer, PinnedBuffer};
 use super::{check, CudaError};
-use crate::blocks::{slot_runs, staged_chunks, BlockPair, Piece};
+use crate::blocks::{band_copies, slot_runs, staged_chunks, Band, BlockPair, Piece, PitchedCopy};
 use crate::plan::{Method, Plan, Range};
 use cudarc::driver::sys;
 use std::sync::Arc;
@@ -74,6 +74,31 @@ pub struct BlockJob<'a> {
     /// Through the staging buffer ([`Copier::staging_part_bytes`] must hold a slice), else the
     /// kernel moves the bytes over PCIe itself.
     pub staged: bool,
+}
+
+/// A layer-wise block copy for [`Copier::submit_layers`]: some layers of every block, one layer
+/// at a time, staged through device memory with the copy engines on the pool side.
+#[derive(Debug, Clone)]
+pub struct LayerJob<'a> {
+    /// The pieces of a [`crate::blocks::LayerTemplate`] (every layer's).
+    pub pieces: &'a [Piece],
+    /// The template's bands, one per layer.
+    pub bands: &'a [Band],
+    /// One pair per block.
+    pub pairs: &'a [BlockPair],
+    /// Bytes of one block's slice (one pool slot).
+    pub slice_bytes: u64,
+    /// The layers to move now, in order.
+    pub layers: std::ops::Range<usize>,
+    /// `(layer, event)`: the event is recorded right behind that layer's copy, so another process
+    /// can wait for the layer alone (a layer-wise load). Layers ascending.
+    pub marks: &'a [(usize, &'a super::memory::SharedEvent)],
+    /// Engine to pool (a save), else pool to engine.
+    pub d2h: bool,
+    /// CTAs of the block kernel.
+    pub ctas: u32,
+    /// Threads per CTA.
+    pub threads: u32,
 }
 
 fn event(flags: u32) -> Result<sys::CUevent, CudaError> {
@@ -403,6 +428,155 @@ impl Copier {
         self.finish_batch(i)
     }
 
+    /// Whether [`Copier::submit_layers`] can move a layer-wise copy of `bands`: the kernel is
+    /// loaded and one block's layer fits a staging part, for every layer.
+    pub fn stages_layers(&self, bands: &[Band]) -> bool {
+        let part = self.staging_part_bytes();
+        self.kernel.is_some() && part > 0 && bands.iter().all(|b| b.bytes <= part)
+    }
+
+    /// Queues layers `job.layers` of every block of `job`, one layer after the other, as one
+    /// batch. Per layer and chunk of blocks (as many as a staging part holds of that layer), a
+    /// load moves the layer's band of each slot into a staging part with pitched copy-engine
+    /// copies (one per run of following slots) and the block kernel scatters the part into the
+    /// engine's blocks within device memory; a save is the reverse. So PCIe sees only copy-engine
+    /// traffic, and the kernel holds its SMs for an HBM-speed copy of one layer at a time, which
+    /// matters when the copy runs beside the engine's forward pass. Each mark's event is recorded
+    /// behind its layer's last copy. Waits first, like [`Copier::submit`], when every batch slot
+    /// is busy.
+    ///
+    /// # Safety
+    /// As for [`Copier::submit_blocks`], for every layer moved: the pieces of its band at each
+    /// pair's engine block, and the band of each pair's slot.
+    pub unsafe fn submit_layers(&mut self, job: &LayerJob<'_>) -> Result<(), CudaError> {
+        if !self.stages_layers(&job.bands[job.layers.clone()]) {
+            return Err(CudaError::Invalid(format!(
+                "a layer-wise staged copy needs the copy kernel and staging parts of at least one block's layer ({} \
+                 bytes; have {})",
+                job.bands.iter().map(|b| b.bytes).max().unwrap_or(0),
+                self.staging_part_bytes()
+            )));
+        }
+        if job.layers.end > job.bands.len()
+            || job.bands.iter().any(|b| b.pieces.end > job.pieces.len())
+            || job.marks.windows(2).any(|w| w[0].0 > w[1].0)
+        {
+            return Err(CudaError::Invalid("layer-wise copy: layers, bands or marks out of order or range".into()));
+        }
+        if job.pairs.len() > self.block_capacity(job.pieces.len()) {
+            return Err(CudaError::TooManyRanges {
+                ranges: job.pairs.len(),
+                capacity: self.block_capacity(job.pieces.len()),
+            });
+        }
+        if job.pairs.is_empty() || job.layers.is_empty() {
+            // Nothing to move: the marks follow the stream's earlier work.
+            for (_, event) in job.marks {
+                // SAFETY: marks are live events of this copier's context, as is the stream.
+                check("cuEventRecord", unsafe { sys::cuEventRecord(event.raw(), self.stream) })?;
+            }
+            return Ok(());
+        }
+        let i = self.next;
+        self.wait_slot(i)?;
+        self.dev.bind()?;
+        if self.last.is_none() {
+            // SAFETY: the event and stream belong to this copier's current context.
+            check("cuEventRecord", unsafe { sys::cuEventRecord(self.start, self.stream) })?;
+        }
+        let kernel = self.kernel.as_ref().expect("checked above");
+        let slot = &self.slots[i];
+        let piece_bytes = std::mem::size_of_val(job.pieces);
+        let pair_bytes = std::mem::size_of_val(job.pairs);
+        // SAFETY: Piece and BlockPair are repr(C) plain data; the slot's staging buffer holds
+        // both tables (block_capacity checked above), and no pending upload reads it (the slot's
+        // event completed above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(job.pieces.as_ptr().cast::<u8>(), slot.staging.as_ptr(), piece_bytes);
+            std::ptr::copy_nonoverlapping(
+                job.pairs.as_ptr().cast::<u8>(),
+                slot.staging.as_ptr().add(piece_bytes),
+                pair_bytes,
+            );
+        }
+        // SAFETY: both buffers hold the tables' bytes; the stream orders the upload before the launches.
+        check("cuMemcpyHtoDAsync", unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                slot.table.ptr(),
+                slot.staging.as_ptr().cast(),
+                piece_bytes + pair_bytes,
+                self.stream,
+            )
+        })?;
+        let table = slot.table.ptr();
+        let st = self.staging.as_mut().expect("checked above");
+        let piece_size = std::mem::size_of::<Piece>() as u64;
+        let pair_size = std::mem::size_of::<BlockPair>() as u64;
+        let (producer, consumer) = if job.d2h { (self.stream, st.stream) } else { (st.stream, self.stream) };
+        // SAFETY: for every driver call below, the events and both streams belong to this
+        // copier's current context; the staging parts lie inside `st.buffer`; the caller's
+        // contract covers the slots' bands and the engine blocks.
+        unsafe {
+            // The DMA stream starts after everything queued on the main stream so far.
+            check("cuEventRecord", sys::cuEventRecord(st.fork, self.stream))?;
+            check("cuStreamWaitEvent", sys::cuStreamWaitEvent(st.stream, st.fork, 0))?;
+            for layer in job.layers.clone() {
+                let band = &job.bands[layer];
+                let part_blocks = (st.part_bytes / band.bytes.max(1)) as usize;
+                let mut start = 0usize;
+                for n in staged_chunks(job.pairs.len(), part_blocks, job.d2h) {
+                    let part = st.next;
+                    st.next = (part + 1) % STAGING_PARTS;
+                    let base = st.buffer.ptr() + part as u64 * st.part_bytes;
+                    // The kernel puts block p's piece at staging + p * slice_bytes + piece.pool;
+                    // the band's pieces sit at band.offset.. in a slot, so the base is shifted
+                    // back by it (wrapping: only the sum is an address).
+                    let launch = crate::cuda::kernel::BlockLaunch {
+                        pieces: table + band.pieces.start as u64 * piece_size,
+                        n_pieces: band.pieces.len() as u64,
+                        pairs: table + piece_bytes as u64 + start as u64 * pair_size,
+                        n_pairs: n as u64,
+                        staging: base.wrapping_sub(band.offset),
+                        slice_bytes: band.bytes,
+                        d2h: job.d2h,
+                    };
+                    let copies = band_copies(
+                        job.pairs[start..start + n].iter().map(|p| p.slot),
+                        job.slice_bytes,
+                        band,
+                        base,
+                        job.d2h,
+                    );
+                    // The part's last consumer must be done with it.
+                    check("cuStreamWaitEvent", sys::cuStreamWaitEvent(producer, st.free[part], 0))?;
+                    if job.d2h {
+                        kernel.launch_blocks(launch, job.ctas, job.threads, producer)?;
+                    } else {
+                        pitched(&copies, producer)?;
+                    }
+                    check("cuEventRecord", sys::cuEventRecord(st.filled[part], producer))?;
+                    check("cuStreamWaitEvent", sys::cuStreamWaitEvent(consumer, st.filled[part], 0))?;
+                    if job.d2h {
+                        pitched(&copies, consumer)?;
+                    } else {
+                        kernel.launch_blocks(launch, job.ctas, job.threads, consumer)?;
+                    }
+                    check("cuEventRecord", sys::cuEventRecord(st.free[part], consumer))?;
+                    start += n;
+                }
+                for (_, event) in job.marks.iter().filter(|m| m.0 == layer) {
+                    check("cuEventRecord", sys::cuEventRecord(event.raw(), consumer))?;
+                }
+            }
+            if job.d2h {
+                // The batch ends with the last DMA: the main stream (and its event) follow it.
+                check("cuEventRecord", sys::cuEventRecord(st.join, st.stream))?;
+                check("cuStreamWaitEvent", sys::cuStreamWaitEvent(self.stream, st.join, 0))?;
+            }
+        }
+        self.finish_batch(i)
+    }
+
     /// Records batch slot `i`'s completion event on the main stream and moves to the next slot.
     fn finish_batch(&mut self, i: usize) -> Result<(), CudaError> {
         // SAFETY: the event and stream belong to this copier's current context.
@@ -637,6 +811,30 @@ fn batch_on(batch: MemcpyBatchFn, ranges: &[Range], stream: sys::CUstream) -> Re
         )
     };
     check("cuMemcpyBatchAsync", r)
+}
+
+/// Queues `copies` on the copy engines on `stream`, one `cuMemcpy2DAsync` each (addresses are
+/// unified: device memory and mapped pool pages alike).
+///
+/// # Safety
+/// Every row of every copy must be valid to read at its source and write at its destination
+/// until the stream has run it; `stream` belongs to the current context.
+unsafe fn pitched(copies: &[PitchedCopy], stream: sys::CUstream) -> Result<(), CudaError> {
+    for c in copies {
+        // SAFETY: CUDA_MEMCPY2D is plain data for which all-zero bytes are a valid value.
+        let mut p: sys::CUDA_MEMCPY2D = unsafe { std::mem::zeroed() };
+        p.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED;
+        p.srcDevice = c.src;
+        p.srcPitch = c.src_pitch as usize;
+        p.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED;
+        p.dstDevice = c.dst;
+        p.dstPitch = c.dst_pitch as usize;
+        p.WidthInBytes = c.width as usize;
+        p.Height = c.height as usize;
+        // SAFETY: the caller's contract covers every row; the driver reads `p` during the call.
+        check("cuMemcpy2DAsync", unsafe { sys::cuMemcpy2DAsync_v2(&p, stream) })?;
+    }
+    Ok(())
 }
 
 /// Queues `ranges` on the copy engines on `stream`: one `cuMemcpyAsync` for a single range, else

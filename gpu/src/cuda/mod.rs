@@ -21,7 +21,7 @@ pub mod engine_memory;
 pub mod kernel;
 pub mod memory;
 
-pub use copier::{BlockJob, Copier};
+pub use copier::{BlockJob, Copier, LayerJob};
 pub use device::{driver_present, Device};
 pub use engine_memory::{device_by_uuid, CudaMemory};
 pub use memory::{DeviceBuffer, HostRegistration, IpcEvent, IpcMapping, PinnedBuffer, SharedEvent};
