@@ -821,16 +821,25 @@ fn batch_on(batch: MemcpyBatchFn, ranges: &[Range], stream: sys::CUstream) -> Re
 /// until the stream has run it; `stream` belongs to the current context.
 unsafe fn pitched(copies: &[PitchedCopy], stream: sys::CUstream) -> Result<(), CudaError> {
     for c in copies {
-        // SAFETY: CUDA_MEMCPY2D is plain data for which all-zero bytes are a valid value.
-        let mut p: sys::CUDA_MEMCPY2D = unsafe { std::mem::zeroed() };
-        p.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED;
-        p.srcDevice = c.src;
-        p.srcPitch = c.src_pitch as usize;
-        p.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED;
-        p.dstDevice = c.dst;
-        p.dstPitch = c.dst_pitch as usize;
-        p.WidthInBytes = c.width as usize;
-        p.Height = c.height as usize;
+        // Unified addresses on both sides: the driver tells device memory from mapped host pages.
+        let p = sys::CUDA_MEMCPY2D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED,
+            srcHost: std::ptr::null(),
+            srcDevice: c.src,
+            srcArray: std::ptr::null_mut(),
+            srcPitch: c.src_pitch as usize,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: c.dst,
+            dstArray: std::ptr::null_mut(),
+            dstPitch: c.dst_pitch as usize,
+            WidthInBytes: c.width as usize,
+            Height: c.height as usize,
+        };
         // SAFETY: the caller's contract covers every row; the driver reads `p` during the call.
         check("cuMemcpy2DAsync", unsafe { sys::cuMemcpy2DAsync_v2(&p, stream) })?;
     }
