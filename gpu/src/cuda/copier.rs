@@ -522,9 +522,12 @@ impl Copier {
             check("cuStreamWaitEvent", sys::cuStreamWaitEvent(st.stream, st.fork, 0))?;
             for layer in job.layers.clone() {
                 let band = &job.bands[layer];
-                let part_blocks = (st.part_bytes / band.bytes.max(1)) as usize;
+                // Whole parts: the layers themselves pipeline through the parts, so a ramp within
+                // a layer (as in `submit_blocks`) would only add copies and launches.
+                let part_blocks = ((st.part_bytes / band.bytes.max(1)) as usize).max(1);
                 let mut start = 0usize;
-                for n in staged_chunks(job.pairs.len(), part_blocks, job.d2h) {
+                let total = job.pairs.len();
+                for n in (0..total).step_by(part_blocks).map(|s| part_blocks.min(total - s)) {
                     let part = st.next;
                     st.next = (part + 1) % STAGING_PARTS;
                     let base = st.buffer.ptr() + part as u64 * st.part_bytes;
