@@ -31,7 +31,10 @@ Timings (medians): the chunk's forward alone, a whole load alone, load-then-forw
 ``load_mode = "async"`` costs the request) and the layer-wise step (load and forward overlapped);
 the prefill plus its save with one event after the step against per-layer events.
 
-Writes DIR/gpu-connector.json (the bench report format) and prints a table.
+Writes DIR/gpu-connector.json (the bench report format) and prints a table. With
+``KVLOFT_LAYER_TRACE=1`` each layer-wise step also prints when its first and last layers started
+on the GPU (``TRACE`` lines): layers that start as their loads land, not as the forward pass
+reaches them, show the load lagging behind.
 """
 
 from __future__ import annotations
@@ -170,6 +173,9 @@ class Worker:
         self.enabled = True  # False: the layers do not wait (vLLM not calling wait_for_layer_load)
         #: perf_counter when layer 0's wait returned (kvloft had queued the step's copies).
         self.layer0_ready = 0.0
+        #: With KVLOFT_LAYER_TRACE set: a timing event recorded as each layer starts (after its
+        #: wait), to see on the GPU whether layers start as their loads land.
+        self.trace: list | None = None
 
     def bind_connector_metadata(self) -> None:
         self.events.reset_saves()
@@ -185,6 +191,10 @@ class Worker:
             self.transfers.wait_layer(layer)
             if layer == 0:
                 self.layer0_ready = time.perf_counter()
+        if self.trace is not None:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.trace.append(e)
 
     def save_kv_layer(self, layer: int) -> None:
         self.events.record_save(layer)
@@ -345,6 +355,10 @@ def main() -> None:
             hit = sched.lookup(hashes[:k])
             if hit.hits != k:
                 raise SystemExit(f"lookup found {hit.hits} of {k}")
+            start_ev = torch.cuda.Event(enable_timing=True)
+            if os.environ.get("KVLOFT_LAYER_TRACE"):
+                b.trace = []
+                start_ev.record()
             t0 = time.perf_counter()
             # The step's inputs first, as vLLM's model runner prepares them before the forward
             # context (and so before start_load_kv).
@@ -354,6 +368,12 @@ def main() -> None:
             logits = m.forward(*chunk_of(k), cache_b, b_blocks, hooks=b, table=table)
             torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
+            if b.trace:
+                starts = [start_ev.elapsed_time(e) for e in b.trace]
+                print(f"TRACE k={k} step {elapsed * 1e3:.1f} ms; layer starts (ms): "
+                      + " ".join(f"{x:.1f}" for x in starts[:4]) + " ... " + " ".join(f"{x:.1f}" for x in starts[-3:]),
+                      flush=True)
+                b.trace = None
             done = b.get_finished()
             if done.recving:
                 raise SystemExit(f"a synchronous load was reported as a finished receive: {done.recving}")

@@ -38,7 +38,7 @@ pub struct TopologyFile {
 pub struct CopySection {
     /// Most SMs a GPU copy kernel may occupy; 0 means copy engines (DMA) only.
     pub sm_budget: Option<Spanned<u32>>,
-    /// Device memory per copier for staged block copies (a size such as `"16MiB"`); 0: none.
+    /// Device memory per copier for staged block copies (a size such as `"128MiB"`); 0: none.
     pub staging: Option<Spanned<ByteSize>>,
 }
 

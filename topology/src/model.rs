@@ -102,9 +102,10 @@ pub struct CopySpec {
     pub staging_bytes: u64,
 }
 
-/// Staging memory per copier by default: four parts of 4 MiB, each holding eight slots of 32
-/// layers of 16 KiB blocks.
-pub const DEFAULT_STAGING_BYTES: u64 = 16 << 20;
+/// Staging memory per copier by default: four parts of 32 MiB. A part holds 64 slots of 32 layers
+/// of 16 KiB blocks; a layer-wise load of a 1 GiB prefix (32 layers) puts one layer in a part, so
+/// its copy engines can run up to three layers ahead of the engine's forward pass (decision 57).
+pub const DEFAULT_STAGING_BYTES: u64 = 128 << 20;
 
 /// SMs a copy kernel may use by default: on the H100 test machine 16 SMs already reach 0.89-0.95
 /// of the PCIe ceiling with 16 KiB blocks (bench/results/2026-11-24-h100-gpu-inprocess.json).
