@@ -135,9 +135,20 @@ impl BlockTemplate {
 
 /// How many blocks each chunk of a staged copy of `blocks` blocks takes, with at most `cap`
 /// blocks (one staging part) per chunk. A save's chunks start at one block and double up to `cap`,
-/// so the first DMA starts after one block's gather; a load's are the same list reversed, so the
-/// last scatter after the last DMA is one block's. Empty when `blocks` is 0.
+/// so the first DMA starts after one block's gather. A load's rise the same way over its first
+/// half and fall back over its second (`rise_and_fall`): the first DMA starts early and each
+/// next one is queued while the one before runs, and the last scatter after the last DMA is
+/// one block's (decision 58). Empty when `blocks` is 0.
 pub fn staged_chunks(blocks: usize, cap: usize, d2h: bool) -> Vec<usize> {
+    if d2h {
+        doubling(blocks, cap)
+    } else {
+        rise_and_fall(blocks, cap)
+    }
+}
+
+/// 1, 2, 4, ... blocks up to `cap` each, the rest in a last chunk.
+fn doubling(blocks: usize, cap: usize) -> Vec<usize> {
     let cap = cap.max(1);
     let mut out = Vec::new();
     let (mut left, mut next) = (blocks, 1usize);
@@ -147,9 +158,29 @@ pub fn staged_chunks(blocks: usize, cap: usize, d2h: bool) -> Vec<usize> {
         left -= n;
         next = next.saturating_mul(2);
     }
-    if !d2h {
-        out.reverse();
-    }
+    out
+}
+
+/// A load's chunks: [`doubling`] over the first half, with a remainder that fits merged into the
+/// largest chunk, then the mirror image over the second half.
+fn rise_and_fall(blocks: usize, cap: usize) -> Vec<usize> {
+    let half = |n: usize| {
+        let mut c = doubling(n, cap);
+        if c.len() >= 2 {
+            let last = c[c.len() - 1];
+            let before = c[c.len() - 2];
+            if last < before && before + last <= cap.max(1) {
+                c.pop();
+                *c.last_mut().expect("two chunks") += last;
+            }
+        }
+        c
+    };
+    let head = blocks.div_ceil(2);
+    let mut out = half(head);
+    let mut tail = half(blocks - head);
+    tail.reverse();
+    out.extend(tail);
     out
 }
 
@@ -356,9 +387,12 @@ mod tests {
     }
 
     #[test]
-    fn saves_ramp_up_and_loads_ramp_down() {
+    fn saves_ramp_up_and_loads_rise_and_fall() {
         assert_eq!(staged_chunks(64, 8, true), vec![1, 2, 4, 8, 8, 8, 8, 8, 8, 8, 1]);
-        assert_eq!(staged_chunks(64, 8, false), vec![1, 8, 8, 8, 8, 8, 8, 8, 4, 2, 1]);
+        assert_eq!(staged_chunks(64, 8, false), vec![1, 2, 4, 8, 8, 8, 1, 1, 8, 8, 8, 4, 2, 1]);
+        assert_eq!(staged_chunks(64, 64, false), vec![1, 2, 4, 8, 17, 17, 8, 4, 2, 1]);
+        assert_eq!(staged_chunks(3, 8, false), vec![1, 1, 1]);
+        assert_eq!(staged_chunks(1, 8, false), vec![1]);
         assert_eq!(staged_chunks(3, 8, true), vec![1, 2]);
         assert_eq!(staged_chunks(5, 1, true), vec![1; 5]);
         assert!(staged_chunks(0, 8, true).is_empty());

@@ -339,6 +339,12 @@ impl Connection {
         self.ctx.metrics.requests.inc();
         let id = frame.request_id;
         let reply = self.reply(frame).await;
+        if matches!(reply, Ok(Reply::Save(_) | Reply::Load(_))) && self.on_gpu() {
+            // The task this request spawned runs up to its first wait, which queues its GPU
+            // copy, before this task writes the `queued` reply: the socket write then overlaps
+            // the copy instead of delaying its start (decision 58).
+            futures_lite::future::yield_now().await;
+        }
         if matches!(reply, Ok(Reply::Ring(_))) {
             // The mailbox's reply first, then the ring's.
             self.serve_mailbox().await;
@@ -564,6 +570,11 @@ impl Connection {
             .instance
             .clone()
             .ok_or_else(|| Failure(ErrorCode::NotRegistered, "send register_instance on this connection first".into()))
+    }
+
+    /// Whether this connection registered KV memory on a GPU.
+    fn on_gpu(&self) -> bool {
+        matches!(self.state.borrow().memory, Some((_, EngineMemory::Cuda(_))))
     }
 
     fn memory(&self) -> Result<(u32, EngineMemory), Failure> {
