@@ -87,6 +87,11 @@ pub struct GpuArgs {
     /// in its log otherwise.
     #[arg(long)]
     pub server_hugepages: bool,
+    /// Writes what the server `--server` started wrote to stderr into FILE when the suite ends:
+    /// its warnings, and one line per GPU request where `KVLOFT_TRACE_GPU=1` is set (the server
+    /// inherits this process's environment).
+    #[arg(long, value_name = "FILE")]
+    pub server_log: Option<PathBuf>,
     /// Also writes the in-process measurements of the three GPU copy methods as copy curves into
     /// the `[calibration]` section of this topology file (created when missing; the rest of the
     /// file kept), for the copy planner of a server started with it.
@@ -562,6 +567,10 @@ pub fn run(args: &GpuArgs) -> Result<Report, GpuBenchError> {
                 }
             }
         }
+    }
+    if let (Some(path), Some((server, _))) = (&args.server_log, &server) {
+        std::fs::write(path, server.log())
+            .map_err(|e| GpuBenchError::Args(format!("--server-log {}: {e}", path.display())))?;
     }
     drop(server);
     drop(copier);

@@ -13,6 +13,7 @@ use crate::gpu_path::{Layerwise, SaveAfter};
 use crate::mailbox::{self, Mailbox};
 use crate::shard::{MeshMsg, ShardCtx};
 use crate::store::{self, EngineMemory, InstanceOp, LeaseOp, StoreError};
+use crate::trace;
 use futures_lite::io::{ReadHalf, WriteHalf};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
@@ -74,6 +75,10 @@ pub(crate) fn spawn(ctx: Rc<ShardCtx>, stream: UnixStream, peer: Peer, fd: RawFd
             in_mailbox: Cell::new(false),
             sealing: Cell::new(0),
             pending_fd: RefCell::new(None),
+            frame_at: Cell::new(Instant::now()),
+            trace: RefCell::new(None),
+            copies: Cell::new(0),
+            answered_at: Cell::new(Instant::now()),
         });
         let _ = conn.clone().read_loop(reader, fd).await;
         conn.close().await;
@@ -150,6 +155,17 @@ struct Connection {
     sealing: Cell<u32>,
     /// The descriptor that the reply being sent hands over (`attach_mailbox`).
     pending_fd: RefCell<Option<OwnedFd>>,
+    /// When the frame being answered was read, and the trace of the GPU request it started
+    /// (`KVLOFT_TRACE_GPU`, see `trace`).
+    frame_at: Cell<Instant>,
+    trace: RefCell<trace::Trace>,
+    /// GPU copies of this connection that wait for nothing the client controls and whose
+    /// completion is not written yet, and when the last completion was written: `spin_read`
+    /// keeps polling the socket through such a copy and for `[server] spin-us` after its
+    /// completion, as after a reply, since the client's next request usually follows it
+    /// (decision 58).
+    copies: Cell<u32>,
+    answered_at: Cell<Instant>,
 }
 
 /// What [`Connection::spin_read`] found.
@@ -275,7 +291,7 @@ impl Connection {
             if !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) {
                 return Polled::Read(Err(e));
             }
-            if start.elapsed() >= spin {
+            if self.copies.get() == 0 && start.max(self.answered_at.get()).elapsed() >= spin {
                 if let Some(mb) = mailbox.as_deref() {
                     // Off, then one more look: a request posted before a client saw the flag
                     // off is seen here; one posted after is rung for.
@@ -337,6 +353,7 @@ impl Connection {
 
     async fn answer(self: &Rc<Self>, frame: &FrameRef<'_>) {
         self.ctx.metrics.requests.inc();
+        self.frame_at.set(Instant::now());
         let id = frame.request_id;
         let reply = self.reply(frame).await;
         if matches!(reply, Ok(Reply::Save(_) | Reply::Load(_))) && self.on_gpu() {
@@ -361,6 +378,9 @@ impl Connection {
         match reply {
             Ok(reply) => {
                 let rest = self.send_now(FrameKind::Reply, id, &protocol::to_body(&reply));
+                if let Some(t) = self.trace.borrow_mut().take() {
+                    trace::mark(&Some(t), "queued");
+                }
                 if let Some(pending) = pending {
                     self.ctx.pin_found(pending);
                 }
@@ -572,6 +592,24 @@ impl Connection {
             .ok_or_else(|| Failure(ErrorCode::NotRegistered, "send register_instance on this connection first".into()))
     }
 
+    /// A trace of GPU request `op` of `blocks` blocks from the frame being answered (`None` for
+    /// CPU memory or with tracing off); the connection keeps a handle to mark its `queued` reply.
+    fn begin_trace(&self, op: &'static str, blocks: usize, mem: &EngineMemory) -> trace::Trace {
+        if !matches!(mem, EngineMemory::Cuda(_)) {
+            return None;
+        }
+        let t = trace::begin(op, blocks, self.frame_at.get());
+        *self.trace.borrow_mut() = t.clone();
+        t
+    }
+
+    /// A copy's completion was written: `spin_read` polls for `[server] spin-us` from now, and
+    /// one fewer copy it watches through, if this one was (`watched`).
+    fn copy_answered(&self, watched: bool) {
+        self.answered_at.set(Instant::now());
+        self.copies.set(self.copies.get() - u32::from(watched));
+    }
+
     /// Whether this connection registered KV memory on a GPU.
     fn on_gpu(&self) -> bool {
         matches!(self.state.borrow().memory, Some((_, EngineMemory::Cuda(_))))
@@ -751,8 +789,12 @@ impl Connection {
         };
         let count = items.len() as u32;
         let conn = self.clone();
+        let trace = self.begin_trace("save", items.len(), &mem);
+        let watched = matches!(mem, EngineMemory::Cuda(_)) && matches!(after, SaveAfter::Nothing);
+        self.copies.set(self.copies.get() + u32::from(watched));
         glommio::spawn_local(async move {
-            let (s, followup) = store::save(&conn.ctx, mem, instance.ns, rank, items, after).await;
+            trace::mark(&trace, "spawned");
+            let (s, followup) = store::save(&conn.ctx, mem, instance.ns, rank, items, after, &trace).await;
             let done =
                 Event::SaveDone(SaveDone { saved: s.saved, present: s.present, failed: s.failed, error: s.error });
             // The client hears first; the owners' seals are queued right after, and the
@@ -760,6 +802,9 @@ impl Connection {
             // owner after them and finds what was just saved.
             conn.sealing.set(conn.sealing.get() + 1);
             conn.send(FrameKind::Event, request_id, &protocol::to_body(&done)).await;
+            conn.copy_answered(watched);
+            trace::mark(&trace, "answered");
+            trace::report(&trace, conn.ctx.id);
             followup.send(&conn.ctx).await;
             conn.sealing.set(conn.sealing.get() - 1);
         })
@@ -858,10 +903,17 @@ impl Connection {
             });
             Layerwise { events, announce }
         });
+        let trace = self.begin_trace("load", block_ids.len(), &mem);
+        let watched = matches!(mem, EngineMemory::Cuda(_)) && layerwise.is_none();
+        self.copies.set(self.copies.get() + u32::from(watched));
         glommio::spawn_local(async move {
-            let (l, followup) = store::load_copy(&conn.ctx, mem, plan, block_ids, layerwise).await;
+            trace::mark(&trace, "spawned");
+            let (l, followup) = store::load_copy(&conn.ctx, mem, plan, block_ids, layerwise, &trace).await;
             let done = Event::LoadDone(LoadDone { loaded: l.loaded, error: l.error });
             conn.send(FrameKind::Event, request_id, &protocol::to_body(&done)).await;
+            conn.copy_answered(watched);
+            trace::mark(&trace, "answered");
+            trace::report(&trace, conn.ctx.id);
             followup.send(&conn.ctx).await;
         })
         .detach();

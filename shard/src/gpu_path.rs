@@ -21,6 +21,7 @@
 use crate::route::ShardId;
 use crate::shard::{MeshMsg, ShardCtx};
 use crate::store::{by_owner, Loaded, OwnerOp, Saved};
+use crate::trace::{self, Trace};
 use kvloft_engine::index::Reserved;
 use kvloft_engine::key::{BlockHash, BlockKey, SliceKey};
 use kvloft_engine::namespace::NamespaceId;
@@ -763,6 +764,7 @@ pub(crate) async fn save(
     rank: u32,
     blocks: Vec<(BlockHash, u32)>,
     after: SaveAfter,
+    trace: &Trace,
 ) -> (Saved, Followup) {
     let slice_bytes = mem.slice_bytes();
     let keys = blocks.into_iter().map(|(hash, id)| (SliceKey { block: BlockKey { ns, hash }, rank: rank as u16 }, id));
@@ -847,6 +849,7 @@ pub(crate) async fn save(
             }
         }
         let since = Instant::now();
+        trace::mark(trace, "slots");
         if copy_error.is_none() && !all_items.is_empty() {
             copy_error = match &after {
                 SaveAfter::Layers(waits) => run.push_layers_after(&all_items, waits, &mut turn).await.err(),
@@ -854,6 +857,7 @@ pub(crate) async fn save(
             };
             pushed = true;
         }
+        trace::mark(trace, "pushed");
         // Batches already queued must land before the slots are sealed or freed, even when a
         // later one failed.
         if pushed {
@@ -861,6 +865,7 @@ pub(crate) async fn save(
             if let Err(e) = run.finish(all_items.len() as u64 * slice_bytes, since, learn).await {
                 copy_error.get_or_insert(e);
             }
+            trace::mark(trace, "seen");
         }
     }
     for (shard, n) in unanswered {
@@ -904,6 +909,7 @@ pub(crate) async fn load(
     keys: Vec<(SliceKey, u32)>,
     pins: LeasePins,
     layerwise: Option<Layerwise>,
+    trace: &Trace,
 ) -> (Loaded, Followup) {
     let rank = keys.first().map_or(0, |(k, _)| k.rank);
     let dev = mem.device().clone();
@@ -961,6 +967,7 @@ pub(crate) async fn load(
                 error.get_or_insert_with(|| "a shard holding the lease has stopped; recompute".to_string());
             }
             let since = Instant::now();
+            trace::mark(trace, "slots");
             if error.is_none() && !all_items.is_empty() {
                 pushed = true;
                 error = match &layerwise {
@@ -968,6 +975,7 @@ pub(crate) async fn load(
                     None => run.push(&all_items).await.err(),
                 };
             }
+            trace::mark(trace, "pushed");
             let layered = layerwise.is_some();
             if let (Some(lw), None) = (layerwise, &error) {
                 lw.announce.await;
@@ -977,6 +985,7 @@ pub(crate) async fn load(
                 if let Err(e) = run.finish(all_items.len() as u64 * mem.slice_bytes(), since, !layered).await {
                     error.get_or_insert(e);
                 }
+                trace::mark(trace, "seen");
                 if ctx.now_ms() >= pins.until_ms {
                     error.get_or_insert_with(|| {
                         "the load's copy ended after its lease's pins lapsed (the GPU or server is overloaded); \

@@ -26,6 +26,7 @@ mod server;
 mod shard;
 pub mod signals;
 mod store;
+mod trace;
 
 pub use error::ServeError;
 pub use gpu_path::calibrated_rate;

@@ -842,10 +842,11 @@ pub(crate) async fn save(
     rank: u32,
     blocks: Vec<(BlockHash, u32)>,
     after: crate::gpu_path::SaveAfter,
+    trace: &crate::trace::Trace,
 ) -> (Saved, Followup) {
     match mem {
         EngineMemory::Host(mem) => (save_host(ctx, mem, ns, rank, blocks).await, Followup::default()),
-        EngineMemory::Cuda(mem) => crate::gpu_path::save(ctx, mem, ns, rank, blocks, after).await,
+        EngineMemory::Cuda(mem) => crate::gpu_path::save(ctx, mem, ns, rank, blocks, after, trace).await,
     }
 }
 
@@ -922,6 +923,7 @@ pub(crate) async fn load_copy(
     plan: LoadPlan,
     block_ids: Vec<u32>,
     layerwise: Option<crate::gpu_path::Layerwise>,
+    trace: &crate::trace::Trace,
 ) -> (Loaded, Followup) {
     let LoadPlan { lease, rank, begun: BegunLoad { ns, hashes, slots, pins_until_ms } } = plan;
     let keys = hashes
@@ -950,7 +952,7 @@ pub(crate) async fn load_copy(
         }
         EngineMemory::Cuda(mem) => {
             let pins = crate::gpu_path::LeasePins { slots, until_ms: pins_until_ms };
-            (total, followup) = crate::gpu_path::load(ctx, mem, lease, keys.collect(), pins, layerwise).await;
+            (total, followup) = crate::gpu_path::load(ctx, mem, lease, keys.collect(), pins, layerwise, trace).await;
         }
     }
     let home = lease_home(lease) as ShardId;
