@@ -396,6 +396,7 @@ fn gpu_curves(args: &CalibrateArgs) -> Result<Option<(Vec<CopyCurvePoint>, Repor
         client_spin_us: 0,
         server_shards: None,
         server_hugepages: false,
+        server_depth: 1,
         server_log: None,
         write_calibration: None,
         // The copy curves' methods only.

@@ -87,6 +87,13 @@ pub struct GpuArgs {
     /// in its log otherwise.
     #[arg(long)]
     pub server_hugepages: bool,
+    /// Also times the server path with this many saves (or loads) in flight on the connection:
+    /// rounds of [`ROUND_REQUESTS`] requests, each sent as soon as fewer than N are in flight,
+    /// timed from the first request to the last completion (cases `..._server_qN`). 1 (the
+    /// default) times one request at a time only. Lowered per case so that the requests in
+    /// flight take at most half the server's pool.
+    #[arg(long, default_value_t = 1)]
+    pub server_depth: usize,
     /// Writes what the server `--server` started wrote to stderr into FILE when the suite ends:
     /// its warnings, and one line per GPU request where `KVLOFT_TRACE_GPU=1` is set (the server
     /// inherits this process's environment).
@@ -612,6 +619,9 @@ fn server_config(args: &GpuArgs) -> Result<tempfile::NamedTempFile, GpuBenchErro
     Ok(file)
 }
 
+/// Requests in one timed round of `--server-depth`.
+pub const ROUND_REQUESTS: usize = 8;
+
 /// The server-path cases of one engine and batch: registers the cache by CUDA IPC, proves a save
 /// of `a` and a load into `b` (poisoned first) byte for byte, then times saves of `a` under fresh
 /// hashes (request to `save_done`) and loads into `b` (request to `load_done`).
@@ -704,6 +714,141 @@ fn server_cases(
         p.insert("layers".into(), engine.layers.into());
         p.insert("bytes".into(), bytes.into());
         p.insert("path".into(), "server".into());
+        p.insert("sm_budget".into(), args.sm_budget.into());
+        p.insert("client_spin_us".into(), args.client_spin_us.into());
+        p.insert("verified".into(), true.into());
+        out.push(case);
+    }
+    let depth = args.server_depth.min((args.server_pool_bytes / (2 * bytes.max(1))) as usize);
+    if depth > 1 {
+        let ids = (ids(a), ids(b));
+        out.extend(pipelined(&mut client, engine, (a, b), &ids, args, depth, &mut hashes)?);
+    }
+    Ok(out)
+}
+
+/// Server-path cases with `depth` requests in flight on `client`'s connection (`--server-depth`):
+/// per direction, [`ROUND_REQUESTS`] saves of engine blocks `a` under fresh hashes (or loads of
+/// one saved set into `b`, each under its own lease), a request sent whenever fewer than `depth`
+/// are in flight, timed from the first request to the last completion; the rate is the round's
+/// bytes over the median round. The last round's bytes are verified: its last save is loaded
+/// back into `b` (poisoned first) and compared with `a`; its loads went into a poisoned `b`.
+fn pipelined(
+    client: &mut Client,
+    engine: &mut Engine,
+    (a, b): (&[u64], &[u64]),
+    (ids_a, ids_b): &(Vec<u32>, Vec<u32>),
+    args: &GpuArgs,
+    depth: usize,
+    hashes: &mut impl FnMut() -> Vec<Vec<u8>>,
+) -> Result<Vec<Case>, GpuBenchError> {
+    let n = a.len() as u32;
+    let bytes = a.len() as u64 * engine.slice_bytes();
+    let pairs = |h: &[Vec<u8>]| h.iter().cloned().zip(ids_a.iter().copied()).collect::<Vec<_>>();
+    let poison = |engine: &mut Engine| -> Result<(), GpuBenchError> {
+        for (buf, off, len, _) in b.iter().flat_map(|&blk| engine.runs(blk)) {
+            engine.buffers[buf].write(off as usize, &vec![0x5A; len as usize])?;
+        }
+        Ok(())
+    };
+    let rounds = args.repetitions.max(1);
+    let mut out = Vec::new();
+    for dir in ["d2h", "h2d"] {
+        let mut times = Vec::new();
+        for round in 0..rounds {
+            let last = round + 1 == rounds;
+            let mut in_flight = std::collections::VecDeque::with_capacity(depth);
+            let took;
+            if dir == "d2h" {
+                let sets: Vec<Vec<(Vec<u8>, u32)>> = (0..ROUND_REQUESTS).map(|_| pairs(&hashes())).collect();
+                let check = |d: kvloft_engine::protocol::SaveDone| {
+                    if d.saved == n {
+                        Ok(())
+                    } else {
+                        Err(GpuBenchError::Mismatch(format!("server save, {depth} in flight: {d:?}")))
+                    }
+                };
+                let t0 = Instant::now();
+                for set in &sets {
+                    if in_flight.len() == depth {
+                        check(client.wait_saved(in_flight.pop_front().expect("full"))?)?;
+                    }
+                    in_flight.push_back(client.save_queued(set)?);
+                }
+                while let Some(id) = in_flight.pop_front() {
+                    check(client.wait_saved(id)?)?;
+                }
+                took = t0.elapsed().as_secs_f64();
+                if last {
+                    let h: Vec<Vec<u8>> = sets[ROUND_REQUESTS - 1].iter().map(|(h, _)| h.clone()).collect();
+                    poison(engine)?;
+                    let hit = client.lookup(&h)?;
+                    let l = client.load(hit.lease, ids_b)?;
+                    if l.error.is_some() || l.loaded != n {
+                        return Err(GpuBenchError::Mismatch(format!("server load after pipelined saves: {l:?}")));
+                    }
+                    engine.check_loaded(a, b)?;
+                }
+            } else {
+                let h = hashes();
+                let saved = client.save(&pairs(&h))?;
+                if saved.saved != n {
+                    return Err(GpuBenchError::Mismatch(format!("server save: {saved:?}")));
+                }
+                let mut leases = Vec::with_capacity(ROUND_REQUESTS);
+                for _ in 0..ROUND_REQUESTS {
+                    let hit = client.lookup(&h)?;
+                    if hit.hits != n {
+                        return Err(GpuBenchError::Mismatch(format!("server lookup: {} of {n} hits", hit.hits)));
+                    }
+                    leases.push(hit.lease);
+                }
+                if last {
+                    poison(engine)?;
+                }
+                let check = |l: kvloft_engine::protocol::LoadDone| {
+                    if l.error.is_none() && l.loaded == n {
+                        Ok(())
+                    } else {
+                        Err(GpuBenchError::Mismatch(format!("server load, {depth} in flight: {l:?}")))
+                    }
+                };
+                let t0 = Instant::now();
+                for &lease in &leases {
+                    if in_flight.len() == depth {
+                        check(client.wait_loaded(in_flight.pop_front().expect("full"))?)?;
+                    }
+                    in_flight.push_back(client.load_queued(lease, ids_b)?);
+                }
+                while let Some(id) = in_flight.pop_front() {
+                    check(client.wait_loaded(id)?)?;
+                }
+                took = t0.elapsed().as_secs_f64();
+                if last {
+                    engine.check_loaded(a, b)?;
+                }
+            }
+            times.push(took);
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let round_bytes = bytes * ROUND_REQUESTS as u64;
+        let mut case = Case {
+            name: format!("{dir}_{}_{}k_b{}_server_q{depth}", engine.layout, engine.block_bytes >> 10, a.len()),
+            gbps: Some(round_bytes as f64 / median / 1e9),
+            ..Case::default()
+        };
+        let p = &mut case.params;
+        p.insert("direction".into(), dir.into());
+        p.insert("layout".into(), engine.layout.as_str().into());
+        p.insert("block_bytes".into(), engine.block_bytes.into());
+        p.insert("batch".into(), a.len().into());
+        p.insert("layers".into(), engine.layers.into());
+        p.insert("bytes".into(), bytes.into());
+        p.insert("path".into(), "server".into());
+        p.insert("in_flight".into(), depth.into());
+        p.insert("round_requests".into(), ROUND_REQUESTS.into());
+        p.insert("round_median_s".into(), median.into());
         p.insert("sm_budget".into(), args.sm_budget.into());
         p.insert("client_spin_us".into(), args.client_spin_us.into());
         p.insert("verified".into(), true.into());

@@ -278,8 +278,10 @@ impl Client {
         }
     }
 
-    /// Saves `(hash, engine block id)` pairs and waits for the completion.
-    pub fn save(&mut self, blocks: &[(Vec<u8>, u32)]) -> Result<SaveDone, ClientError> {
+    /// Asks for a save of `(hash, engine block id)` pairs and returns its request id once the
+    /// server queued it, without waiting for the copy: several saves (and loads) may be in
+    /// flight on one connection; [`Client::wait_saved`] waits for one.
+    pub fn save_queued(&mut self, blocks: &[(Vec<u8>, u32)]) -> Result<u64, ClientError> {
         let request = match PackedSave::pack(blocks.iter().map(|(h, id)| (h.as_slice(), *id))) {
             Some(packed) => Save { blocks: vec![], packed: Some(packed), after_event: None, layer_events: None },
             None => Save {
@@ -294,19 +296,44 @@ impl Client {
         };
         let id = self.send(&Request::Save(request))?;
         self.expect_queued(id, "save")?;
+        Ok(id)
+    }
+
+    /// Saves `(hash, engine block id)` pairs and waits for the completion.
+    pub fn save(&mut self, blocks: &[(Vec<u8>, u32)]) -> Result<SaveDone, ClientError> {
+        let id = self.save_queued(blocks)?;
+        self.wait_saved(id)
+    }
+
+    /// Waits for the completion of the save [`Client::save_queued`] numbered `id`.
+    pub fn wait_saved(&mut self, id: u64) -> Result<SaveDone, ClientError> {
         match self.wait_event(id)? {
             Event::SaveDone(d) => Ok(d),
             _ => Err(ClientError::UnexpectedReply("save")),
         }
     }
 
-    /// Loads the lease's first `block_ids.len()` hits into these engine blocks and waits.
-    pub fn load(&mut self, lease: u64, block_ids: &[u32]) -> Result<LoadDone, ClientError> {
+    /// Asks for a load of the lease's first `block_ids.len()` hits into these engine blocks and
+    /// returns its request id once the server queued it, without waiting for the copy: several
+    /// loads (and saves) may be in flight on one connection; [`Client::wait_loaded`] waits for
+    /// one.
+    pub fn load_queued(&mut self, lease: u64, block_ids: &[u32]) -> Result<u64, ClientError> {
         let packed = block_ids.iter().flat_map(|id| id.to_le_bytes()).collect::<Vec<u8>>();
         let request =
             Load { lease, block_ids: vec![], block_ids_packed: Some(BlockHashBytes::from(packed)), layerwise: false };
         let id = self.send(&Request::Load(request))?;
         self.expect_queued(id, "load")?;
+        Ok(id)
+    }
+
+    /// Loads the lease's first `block_ids.len()` hits into these engine blocks and waits.
+    pub fn load(&mut self, lease: u64, block_ids: &[u32]) -> Result<LoadDone, ClientError> {
+        let id = self.load_queued(lease, block_ids)?;
+        self.wait_loaded(id)
+    }
+
+    /// Waits for the completion of the load [`Client::load_queued`] numbered `id`.
+    pub fn wait_loaded(&mut self, id: u64) -> Result<LoadDone, ClientError> {
         match self.wait_event(id)? {
             Event::LoadDone(d) => Ok(d),
             _ => Err(ClientError::UnexpectedReply("load")),

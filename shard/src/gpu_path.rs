@@ -143,10 +143,32 @@ struct CopySlot {
     /// The copy planner for this GPU: the SM budget, the GPU's SMs, batching, and the bound
     /// between kernel and copy engines from the topology's copy curves where it has them.
     planner: Planner,
+    /// Held by a run while it queues its copy: one request's batches go onto the stream
+    /// together. A whole-request copy gives it back once queued, so the next request queues its
+    /// copy behind it on the stream while it runs (decision 59); a layer-wise one keeps it until
+    /// its copy has finished.
     turn: glommio::sync::Semaphore,
     /// Bytes per second the last whole-request copies took from their push to their end (a
     /// moving average), for [`CopyRun::finish`] to know when to look for the next one's end.
     rate: std::cell::Cell<f64>,
+    /// When the last whole-request copy queued is expected to end: a copy queued behind it
+    /// starts then, not when it was queued.
+    busy_until: std::cell::Cell<Instant>,
+}
+
+/// A run's queued copy, for [`CopyRun::finish`]: its last batch on the copier, its bytes, and
+/// when it is expected to start.
+#[derive(Debug, Clone, Copy)]
+struct Queued {
+    /// [`Copier::submitted`] right after the run's last batch.
+    through: u64,
+    bytes: u64,
+    /// When the copy is expected to start: when it was pushed, or the expected end of the copy
+    /// queued before it on the stream.
+    start: Instant,
+    /// Whether its time teaches [`CopySlot::rate`]: a whole-request copy that found the stream
+    /// idle.
+    learn: bool,
 }
 
 impl ShardCtx {
@@ -350,6 +372,7 @@ impl ShardCtx {
             planner,
             turn: glommio::sync::Semaphore::new(1),
             rate: std::cell::Cell::new(FASTEST_LINK),
+            busy_until: std::cell::Cell::new(Instant::now()),
         });
         self.gpu.copiers.borrow_mut().insert(uuid, slot.clone());
         Ok(slot)
@@ -370,7 +393,8 @@ pub fn calibrated_rate(topology: &Topology, method: CurveMethod, d2h: bool, piec
 
 /// One request's copy on this shard's copier for a GPU. Blocks are planned and queued as they are
 /// [pushed](CopyRun::push), in batches of whole blocks, while the GPU moves the ones before; the
-/// caller holds the copier's turn for as long as the run lasts.
+/// caller holds the copier's turn while it queues them (and, for a layer-wise copy, until the
+/// copy ends).
 struct CopyRun<'a> {
     slot: &'a CopySlot,
     mem: &'a CudaMemory,
@@ -541,21 +565,38 @@ impl<'a> CopyRun<'a> {
         Ok(())
     }
 
-    /// Waits until the GPU has finished everything pushed: `bytes` queued from `since` on.
+    /// What this run pushed, once its last batch is queued: `bytes` pushed from `since` on.
+    /// A whole-request copy (`whole`) queued behind another is expected to start at that one's
+    /// expected end, and moves [`CopySlot::busy_until`] on; a layer-wise one, which waits on the
+    /// worker's compute, neither expects nor teaches a rate.
+    fn queued(&self, bytes: u64, since: Instant, whole: bool) -> Queued {
+        let through = self.slot.copier.borrow().submitted();
+        if !whole {
+            return Queued { through, bytes, start: since, learn: false };
+        }
+        let ahead = self.slot.busy_until.get();
+        let start = since.max(ahead);
+        let expected = Duration::from_secs_f64(bytes as f64 / self.slot.rate.get());
+        self.slot.busy_until.set(start + expected);
+        Queued { through, bytes, start, learn: ahead <= since }
+    }
+
+    /// Waits until the GPU has finished the run's copy (`q`), and every copy queued before it.
     /// Checks every [`POLL`] (a wake of the shard's executor, 12-15 us apart on the H100 box)
     /// until the copy is near its expected end (its bytes at the rate the last whole-request
-    /// copies took, [`CopySlot::rate`]), then back to back for up to [`FINISH_SPIN`], so that
-    /// the end of a copy is seen within about a microsecond instead of half a wake's period
-    /// (decision 58). A whole-request copy (`learn`) updates the rate; a layer-wise one, which
-    /// waits on the worker's compute, does not.
-    async fn finish(&self, bytes: u64, since: Instant, learn: bool) -> Result<(), String> {
+    /// copies took, [`CopySlot::rate`], from its expected start), then back to back for up to
+    /// [`FINISH_SPIN`], so that the end of a copy is seen within about a microsecond instead of
+    /// half a wake's period (decision 58). Copies queued behind it on the stream meanwhile are
+    /// not waited for (decision 59).
+    async fn finish(&self, q: Queued) -> Result<(), String> {
+        let Queued { through, bytes, start: since, learn } = q;
         let rate = self.slot.rate.get();
         let expected = Duration::from_secs_f64(bytes as f64 / rate);
         let look = since + expected.mul_f64(0.97);
         let mut spun = Duration::ZERO;
         loop {
             let now = Instant::now();
-            if self.slot.copier.borrow_mut().done().map_err(|e| e.to_string())? {
+            if self.slot.copier.borrow_mut().done_through(through).map_err(|e| e.to_string())? {
                 let took = since.elapsed();
                 if learn && bytes >= LEARN_BYTES && !took.is_zero() {
                     let seen = (bytes as f64 / took.as_secs_f64()).min(FASTEST_LINK);
@@ -850,6 +891,7 @@ pub(crate) async fn save(
         }
         let since = Instant::now();
         trace::mark(trace, "slots");
+        let whole = !matches!(after, SaveAfter::Layers(_));
         if copy_error.is_none() && !all_items.is_empty() {
             copy_error = match &after {
                 SaveAfter::Layers(waits) => run.push_layers_after(&all_items, waits, &mut turn).await.err(),
@@ -857,16 +899,21 @@ pub(crate) async fn save(
             };
             pushed = true;
         }
+        let queued = pushed.then(|| run.queued(all_items.len() as u64 * slice_bytes, since, whole));
+        if whole {
+            // Queued: the next request's copy may go onto the stream behind this one (decision 59).
+            drop(turn.take());
+        }
         trace::mark(trace, "pushed");
         // Batches already queued must land before the slots are sealed or freed, even when a
         // later one failed.
-        if pushed {
-            let learn = !matches!(after, SaveAfter::Layers(_));
-            if let Err(e) = run.finish(all_items.len() as u64 * slice_bytes, since, learn).await {
+        if let Some(queued) = queued {
+            if let Err(e) = run.finish(queued).await {
                 copy_error.get_or_insert(e);
             }
             trace::mark(trace, "seen");
         }
+        drop(turn);
     }
     for (shard, n) in unanswered {
         total.failed += n;
@@ -932,10 +979,13 @@ pub(crate) async fn load(
                     .await
                 }
             };
-            let turn = slot.turn.acquire_permit(1).await;
-            if let Err(e) = &turn {
-                error = Some(format!("copier closed: {e}"));
-            }
+            let mut turn = match slot.turn.acquire_permit(1).await {
+                Ok(permit) => Some(permit),
+                Err(e) => {
+                    error = Some(format!("copier closed: {e}"));
+                    None
+                }
+            };
             let run = CopyRun::new(&slot, &mem, false);
             let mut pushed = false;
             // Every owner's slots first, then one copy, as for a save.
@@ -975,14 +1025,19 @@ pub(crate) async fn load(
                     None => run.push(&all_items).await.err(),
                 };
             }
+            let whole = layerwise.is_none();
+            let queued = pushed.then(|| run.queued(all_items.len() as u64 * mem.slice_bytes(), since, whole));
+            if whole {
+                // Queued: the next request's copy may go onto the stream behind this one (decision 59).
+                drop(turn.take());
+            }
             trace::mark(trace, "pushed");
-            let layered = layerwise.is_some();
             if let (Some(lw), None) = (layerwise, &error) {
                 lw.announce.await;
             }
             // Blocks already queued must land before the pins go, even when the load failed.
-            if pushed {
-                if let Err(e) = run.finish(all_items.len() as u64 * mem.slice_bytes(), since, !layered).await {
+            if let Some(queued) = queued {
+                if let Err(e) = run.finish(queued).await {
                     error.get_or_insert(e);
                 }
                 trace::mark(trace, "seen");
@@ -994,6 +1049,8 @@ pub(crate) async fn load(
                     });
                 }
             }
+            // A layer-wise load held the copier until its copy ended.
+            drop(turn);
         }
     }
     let mut followup = Followup::default();

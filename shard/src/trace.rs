@@ -66,15 +66,15 @@ mod tests {
 
     #[test]
     fn marks_are_kept_in_order_and_relative_to_the_frame() {
-        let t: Trace = Some(Rc::new(RequestTrace {
+        let t = Rc::new(RequestTrace {
             op: "save",
             blocks: 2,
             start: Instant::now() - Duration::from_millis(1),
             marks: RefCell::new(Vec::new()),
-        }));
-        mark(&t, "spawned");
-        mark(&t, "answered");
-        let t = t.unwrap();
+        });
+        let traced: Trace = Some(t.clone());
+        mark(&traced, "spawned");
+        mark(&traced, "answered");
         let marks = t.marks.borrow();
         assert_eq!(marks.iter().map(|m| m.0).collect::<Vec<_>>(), ["spawned", "answered"]);
         assert!(marks[0].1 >= Duration::from_millis(1) && marks[0].1 <= marks[1].1);

@@ -319,3 +319,46 @@ fn bad_requests_are_refused_and_the_connection_goes_on() {
     assert!(matches!(e, ClientError::Server { code: ErrorCode::BadRequest, .. }), "{e}");
     assert_eq!(c.load(lease.lease, &[2]).unwrap().loaded, 1, "the owner still can, after a refused load");
 }
+
+#[test]
+fn saves_and_loads_in_flight_together_on_one_connection_each_complete_with_their_bytes() {
+    // A worker's saves of consecutive steps overlap, as vLLM's connector sends them: the
+    // client sends each before the last one's completion, and every completion matches its
+    // own request.
+    let server = TestServer::start(&[]);
+    let (sets, per) = (6usize, 40usize);
+    let n = sets * per;
+    let mut cache = Cache::new(n);
+    for i in 0..n {
+        cache.fill(i, 7000 + i as u64);
+    }
+    let mut c = worker(&server, "pipe", "pipelined", &cache);
+    let set = |s: usize| (s * per..(s + 1) * per).map(|i| (hash(77, i as u64), i as u32)).collect::<Vec<_>>();
+    let ids: Vec<u64> = (0..sets).map(|s| c.save_queued(&set(s)).expect("save queued")).collect();
+    // Completions are awaited out of order: the last request first.
+    for &id in ids.iter().rev() {
+        let done = c.wait_saved(id).expect("save done");
+        assert_eq!((done.saved, done.failed, done.error), (per as u32, 0, None), "save {id}");
+    }
+
+    cache.poison();
+    // Each set into the blocks of the set after it, every load in flight before any is awaited.
+    let mut loads = Vec::new();
+    for s in 0..sets {
+        let hashes: Vec<Vec<u8>> = set(s).into_iter().map(|(h, _)| h).collect();
+        let hit = c.lookup(&hashes).unwrap();
+        assert_eq!(hit.hits, per as u32, "set {s}");
+        let dest: Vec<u32> = (0..per).map(|k| (((s + 1) % sets) * per + k) as u32).collect();
+        loads.push(c.load_queued(hit.lease, &dest).expect("load queued"));
+    }
+    for (s, &id) in loads.iter().enumerate() {
+        let done = c.wait_loaded(id).expect("load done");
+        assert_eq!((done.loaded, done.error), (per as u32, None), "load of set {s}");
+    }
+    for s in 0..sets {
+        for k in 0..per {
+            let into = ((s + 1) % sets) * per + k;
+            assert_eq!(cache.block(into), expected(7000 + (s * per + k) as u64), "set {s} block {k} into {into}");
+        }
+    }
+}

@@ -30,6 +30,8 @@ pub struct Copier {
     capacity: usize,
     /// The device staging buffer of staged block copies, once [`Copier::set_staging`] made it.
     staging: Option<Staging>,
+    /// Batches queued since the copier was made ([`Copier::submitted`]).
+    submitted: u64,
 }
 
 /// Parts of the staging buffer: a staged copy's chunks take them in turn, so the GPU fills one
@@ -162,6 +164,8 @@ struct Slot {
     table: DeviceBuffer,
     event: sys::CUevent,
     pending: bool,
+    /// The number of the batch last queued in this slot ([`Copier::submitted`]), 0 for none.
+    seq: u64,
 }
 
 /// Batches a copier may have queued at once.
@@ -198,6 +202,7 @@ impl Copier {
                 table: DeviceBuffer::new(dev.clone(), capacity * RANGE_BYTES)?,
                 event,
                 pending: false,
+                seq: 0,
             });
         }
         let (kernel, kernel_note) = if kernel {
@@ -221,6 +226,7 @@ impl Copier {
             batch,
             capacity,
             staging: None,
+            submitted: 0,
         })
     }
 
@@ -634,7 +640,9 @@ impl Copier {
     fn finish_batch(&mut self, i: usize) -> Result<(), CudaError> {
         // SAFETY: the event and stream belong to this copier's current context.
         check("cuEventRecord", unsafe { sys::cuEventRecord(self.slots[i].event, self.stream) })?;
+        self.submitted += 1;
         self.slots[i].pending = true;
+        self.slots[i].seq = self.submitted;
         self.last = Some(i);
         self.next = (i + 1) % self.slots.len();
         Ok(())
@@ -775,6 +783,31 @@ impl Copier {
             // The stream runs batches in order: the last one done means all are.
             Some(i) => self.poll_slot(i),
         }
+    }
+
+    /// How many batches were queued since the copier was made: the number of the last one. A
+    /// caller that notes it after queuing its own batches asks [`Copier::done_through`] later
+    /// whether they are done, whatever was queued behind them meanwhile.
+    pub fn submitted(&self) -> u64 {
+        self.submitted
+    }
+
+    /// Whether batch number `seq` ([`Copier::submitted`]) and every batch before it have
+    /// finished (true for 0). Batches finish in the order they were queued, on one stream.
+    pub fn done_through(&mut self, seq: u64) -> Result<bool, CudaError> {
+        if seq == 0 {
+            return Ok(true);
+        }
+        if seq > self.submitted {
+            return Err(CudaError::Invalid(format!("batch {seq} was never queued ({} so far)", self.submitted)));
+        }
+        // Batches take the slots in turn, so batch `seq` went to slot `(seq - 1) % SLOTS`.
+        let i = ((seq - 1) % self.slots.len() as u64) as usize;
+        if self.slots[i].seq > seq {
+            // The slot was taken again, which waits until its batch (this one) has finished.
+            return Ok(true);
+        }
+        self.poll_slot(i)
     }
 
     /// Blocks until every submitted batch has finished.
